@@ -1,0 +1,42 @@
+"""Trainer callbacks: checkpoint folders named by epoch."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+
+class EpochCheckpointCallback(TrainerCallback):
+    """Renames the Trainer's ``checkpoint-<step>`` to ``checkpoint-epoch-<N>`` right after it is saved.
+
+    The folder keeps everything the Trainer wrote (adapter, optimizer, scheduler, RNG states,
+    ``trainer_state.json``), so ``Trainer.train(resume_from_checkpoint=...)`` continues from it.
+    """
+
+    def on_save(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        src = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if not src.is_dir():
+            return
+        dst = Path(args.output_dir) / f"checkpoint-epoch-{math.ceil(state.epoch - 1e-6)}"
+        if dst.exists():  # a resumed run re-saving the same epoch
+            shutil.rmtree(dst)
+        os.replace(src, dst)
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest resumable checkpoint in a run folder (by training step), or None."""
+    best, best_step = None, -1
+    for d in Path(run_dir).glob("checkpoint-*"):
+        state = d / "trainer_state.json"
+        if d.is_dir() and state.exists():
+            step = json.loads(state.read_text()).get("global_step", -1)
+            if step > best_step:
+                best, best_step = d, step
+    return best

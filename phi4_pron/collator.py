@@ -1,0 +1,83 @@
+"""Batches of (recording, prompt[, answer]) for Phi-4-multimodal, for training and for generation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from phi4_pron.answer import AUDIO_PLACEHOLDER, END, prompt_text, target_answer
+from phi4_pron.data import SAMPLING_RATE, decode_audio
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class PronunciationCollator:
+    """Turns corpus rows into model inputs.
+
+    Audio becomes log-mel features (padded, with their mask); the prompt's single ``<|audio|>`` becomes one
+    placeholder token per audio embedding, as ``Phi4MultimodalProcessor`` does. With ``with_answer`` the
+    target answer, ``<|end|>`` and EOS follow, and ``labels`` copy only those tokens: prompt, audio
+    placeholders and padding are ``-100``. Without it (generation), rows end at ``<|assistant|>``.
+    """
+
+    tokenizer: Any
+    feature_extractor: Any
+    max_length: int = 2048
+    with_answer: bool = True
+    padding_side: str = "right"
+
+    def __post_init__(self) -> None:
+        self.audio_token_id = self.tokenizer.convert_tokens_to_ids(AUDIO_PLACEHOLDER)
+        if self.audio_token_id is None or self.audio_token_id == self.tokenizer.unk_token_id:
+            raise ValueError(f"the tokenizer has no {AUDIO_PLACEHOLDER} token: is this a Phi-4-multimodal tokenizer?")
+        self.pad_token_id = self.tokenizer.pad_token_id
+        if self.pad_token_id is None:
+            self.pad_token_id = self.tokenizer.eos_token_id
+        self.answer_suffix = END + self.tokenizer.eos_token
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        audio = self.feature_extractor(
+            [decode_audio(r["audio"], r.get("id", "?")) for r in rows],
+            sampling_rate=SAMPLING_RATE,
+            return_tensors="pt",
+        )
+        sequences, label_seqs = [], []
+        for row, n_audio in zip(rows, audio["audio_embed_sizes"].tolist()):
+            prompt = self._ids(prompt_text(row["text"]))
+            at = prompt.index(self.audio_token_id)
+            prompt = prompt[:at] + [self.audio_token_id] * n_audio + prompt[at + 1 :]
+            answer = self._ids(target_answer(row) + self.answer_suffix) if self.with_answer else []
+            ids = prompt + answer
+            if len(prompt) >= self.max_length or (answer and len(ids) > self.max_length):
+                raise ValueError(
+                    f"utterance {row.get('id', '?')}: {len(ids)} tokens ({n_audio} of them audio) exceed "
+                    f"model.max_length={self.max_length}; raise it or drop overly long recordings."
+                )
+            sequences.append(ids)
+            label_seqs.append([IGNORE_INDEX] * len(prompt) + answer)
+
+        batch = {"input_ids": self._pad(sequences, self.pad_token_id)}
+        batch["attention_mask"] = self._pad([[1] * len(s) for s in sequences], 0)
+        if self.with_answer:
+            batch["labels"] = self._pad(label_seqs, IGNORE_INDEX)
+        batch["audio_input_features"] = audio["audio_input_features"]
+        batch["audio_embed_sizes"] = audio["audio_embed_sizes"]
+        if "audio_attention_mask" in audio:  # the extractor gives none for a batch of one
+            batch["audio_attention_mask"] = audio["audio_attention_mask"]
+        return batch
+
+    def _pad(self, seqs: list[list[int]], value: int) -> torch.Tensor:
+        width = max(len(s) for s in seqs)
+        out = torch.full((len(seqs), width), value, dtype=torch.long)
+        for i, s in enumerate(seqs):
+            if self.padding_side == "right":
+                out[i, : len(s)] = torch.tensor(s)
+            else:
+                out[i, width - len(s) :] = torch.tensor(s)
+        return out

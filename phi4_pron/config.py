@@ -1,0 +1,136 @@
+"""Typed schema of every config group, registered in Hydra's ConfigStore.
+
+``conf/train.yaml`` starts its defaults list with ``train_schema``, so every composed config is checked
+against :class:`TrainConfig`: an unknown key (``optim.lrr=1``) or a value of the wrong type
+(``optim.epochs=three``) stops the run before anything is loaded, with Hydra naming the key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, OmegaConf
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class LoraInit(str, Enum):
+    fresh = "fresh"  # new adapter, B = 0
+    pretrained = "pretrained"  # the checkpoint's own adapter folder (speech-lora/), trained further
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    name_or_path: str = MISSING  # hub id or local folder
+    revision: str | None = None
+    build_tiny: bool = False  # build the tiny random checkpoint at name_or_path when it is missing
+    dtype: str = "bfloat16"
+    max_length: int = 2048
+
+
+@dataclass
+class VisionLoraConfig:
+    r: int = 256
+    alpha: int = 512
+    trainable: bool = False  # speech inputs never pass through it; it is recorded, not loaded
+
+
+@dataclass
+class LoraConfig:
+    name: str = MISSING
+    run_name: str = MISSING  # the run folder's name
+    description: str = ""
+    init: LoraInit = LoraInit.fresh
+    adapter_subfolder: str = "speech-lora"  # read when init=pretrained
+    r: int = 64
+    alpha: int = 128
+    dropout: float = 0.05
+    target_modules: str = r".*model\.layers\.\d+\.(self_attn\.(qkv_proj|o_proj)|mlp\.(gate_up_proj|down_proj))"
+    vision: VisionLoraConfig = field(default_factory=VisionLoraConfig)
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    optimizer: str = "adamw_torch"
+    lr: float = 2e-5
+    epochs: float = 3
+    effective_batch_size: int = 64  # per-device batch x devices x accumulation; accumulation is derived
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.0
+    lr_scheduler: str = "linear"
+    max_grad_norm: float = 1.0
+    max_steps: int = -1  # > 0 stops early (smoke tests)
+
+
+@dataclass
+class DataConfig:
+    name: str = MISSING
+    path: str = MISSING  # hub id, corpus release folder or save_to_disk folder
+    revision: str | None = None
+    train_split: str = "train"
+    eval_split: str = "test"
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+
+
+@dataclass
+class HardwareConfig:
+    name: str = MISSING
+    num_gpus: int = 1  # 0 = CPU
+    per_device_train_batch_size: int = 8
+    per_device_eval_batch_size: int = 32
+    attn_implementation: str = "sdpa"
+    gradient_checkpointing: bool = False
+    bf16: bool = True
+    dataloader_num_workers: int = 4
+
+
+@dataclass
+class WandbConfig:
+    enabled: bool = False
+    project: str = "phi4-pron"
+    entity: str | None = None
+    mode: str = "online"  # online | offline | disabled
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LoggerConfig:
+    name: str = MISSING
+    tensorboard: bool = True
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    logging_steps: int = 10
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = MISSING
+    lora: LoraConfig = MISSING
+    optim: OptimConfig = MISSING
+    data: DataConfig = MISSING
+    hardware: HardwareConfig = MISSING
+    logger: LoggerConfig = MISSING
+    experiment_name: str = "default"
+    experiment_description: str = ""
+    output_root: str = "output"
+    run_name: str = "${lora.run_name}"
+    cache_dir: str = "${oc.env:PHI4_PRON_CACHE,'~/.cache/phi4_pron'}"
+    seed: int = 42
+    resume: str = "auto"  # auto: continue from the run folder's newest checkpoint if any; true: must; false: never
+
+
+def register_configs() -> None:
+    """Register the schema and the ``repo_root`` resolver; safe to call more than once."""
+    if not OmegaConf.has_resolver("repo_root"):
+        OmegaConf.register_new_resolver("repo_root", lambda: str(REPO_ROOT))
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+
+
+register_configs()

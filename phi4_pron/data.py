@@ -1,0 +1,155 @@
+"""speechocean762 splits as ``datasets.Dataset``s with one schema, whatever the source.
+
+Sources (``data.path``):
+- a local copy of the corpus release (Kaldi layout: ``WAVE/``, ``train/``, ``test/``, ``scores.json`` at
+  the root or under ``resource/``), e.g. the bundled ``data/speechocean762-mini``;
+- a folder written by ``Dataset(Dict).save_to_disk``;
+- otherwise a Hugging Face Hub dataset id (``mispeech/speechocean762``).
+
+Every split has the columns ``id``, ``audio`` (``datasets.Audio``, decoded by torchcodec at 16 kHz mono),
+``text``, ``accuracy``, ``completeness``, ``fluency``, ``prosodic``, ``total`` and ``words`` (the corpus's
+word annotations, ``phones`` as a list).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from datasets import Audio, Dataset, DatasetDict, load_dataset, load_from_disk
+
+SAMPLING_RATE = 16_000
+COLUMNS = ["id", "audio", "text", "accuracy", "completeness", "fluency", "prosodic", "total", "words"]
+
+
+class DataError(ValueError):
+    """Bad or missing corpus input; the message names the file and what to do."""
+
+
+def load_split(path: str, split: str, revision: str | None = None, limit: int | None = None) -> Dataset:
+    """Load one split (``train`` or ``test``) from any supported source, ``limit`` rows at most."""
+    local = Path(path).expanduser()
+    if local.is_dir():
+        if (local / "dataset_dict.json").exists() or (local / "state.json").exists():
+            ds = _from_disk(local, split)
+        else:
+            ds = _from_kaldi(local, split)
+    elif local.exists() or path.startswith((".", "/", "~")) or path.count("/") != 1:
+        raise DataError(
+            f"data.path={path!r} is neither a corpus folder nor a Hugging Face dataset id. Point it at the "
+            "speechocean762 release (the folder holding WAVE/, train/, test/), a save_to_disk folder, "
+            "or use the hub id mispeech/speechocean762."
+        )
+    else:
+        ds = _from_hub(path, split, revision)
+    if limit is not None:
+        ds = ds.select(range(min(limit, len(ds))))
+    return ds.cast_column("audio", Audio(sampling_rate=SAMPLING_RATE, num_channels=1))
+
+
+def _normalise(ds: Dataset) -> Dataset:
+    if "id" not in ds.column_names:
+        ds = ds.add_column("id", [f"{i:05d}" for i in range(len(ds))])
+    missing = [c for c in COLUMNS if c not in ds.column_names]
+    if missing:
+        raise DataError(f"the dataset lacks the columns {missing}; speechocean762's schema has {COLUMNS}.")
+    return ds.select_columns(COLUMNS)
+
+
+def _from_hub(name: str, split: str, revision: str | None) -> Dataset:
+    return _normalise(load_dataset(name, split=split, revision=revision))
+
+
+def _from_disk(folder: Path, split: str) -> Dataset:
+    ds = load_from_disk(str(folder))
+    if isinstance(ds, DatasetDict):
+        if split not in ds:
+            raise DataError(f"{folder} has the splits {list(ds)}, not {split!r}.")
+        ds = ds[split]
+    return _normalise(ds)
+
+
+def find_scores_json(root: Path) -> Path:
+    for candidate in (root / "scores.json", root / "resource" / "scores.json"):
+        if candidate.exists():
+            return candidate
+    raise DataError(
+        f"no scores.json in {root} or {root / 'resource'}: the speechocean762 release keeps its annotations "
+        "there. Point data.path at the release's top folder."
+    )
+
+
+def _read_table(file: Path) -> dict[str, str]:
+    """A Kaldi two-column file (``key value...``) as a dict."""
+    if not file.exists():
+        raise DataError(f"{file} is missing: a Kaldi data folder needs wav.scp and text. Is data.path the "
+                        "release's top folder?")
+    rows = {}
+    for n, line in enumerate(file.read_text().splitlines(), 1):
+        if line.strip():
+            key, _, value = line.strip().partition(" ") if "\t" not in line else line.strip().partition("\t")
+            if not value.strip():
+                raise DataError(f"{file}:{n}: expected '<utterance id> <value>', got {line!r}.")
+            rows[key] = value.strip()
+    return rows
+
+
+def _from_kaldi(root: Path, split: str) -> Dataset:
+    scores_file = find_scores_json(root)
+    try:
+        scores: dict[str, Any] = json.loads(scores_file.read_text())
+    except json.JSONDecodeError as e:
+        raise DataError(f"{scores_file} is not valid JSON ({e}).") from e
+    wav_scp = _read_table(root / split / "wav.scp")
+    texts = _read_table(root / split / "text")
+    rows: dict[str, list] = {c: [] for c in COLUMNS}
+    for utt, rel in wav_scp.items():
+        wav = root / rel
+        if not wav.exists():
+            raise DataError(f"audio file {wav} (utterance {utt}, {root / split / 'wav.scp'}) does not exist. "
+                            "Restore it from the release or remove the utterance from wav.scp.")
+        if utt not in scores:
+            raise DataError(f"utterance {utt} of {root / split / 'wav.scp'} has no entry in {scores_file}.")
+        s = scores[utt]
+        try:
+            row = {
+                "id": utt, "audio": str(wav), "text": s.get("text") or texts[utt],
+                **{k: float(s[k]) for k in ("accuracy", "completeness", "fluency", "prosodic", "total")},
+                "words": [_word(w) for w in s["words"]],
+            }
+        except (KeyError, TypeError, ValueError) as e:
+            raise DataError(f"{scores_file}: utterance {utt} lacks or mangles the field {e}; each utterance "
+                            "needs text, accuracy, completeness, fluency, prosodic, total and words.") from e
+        for c in COLUMNS:
+            rows[c].append(row[c])
+    return Dataset.from_dict(rows)
+
+
+def _word(w: dict[str, Any]) -> dict[str, Any]:
+    phones = w["phones"].split() if isinstance(w["phones"], str) else list(w["phones"])
+    return {
+        "text": w["text"],
+        "accuracy": float(w["accuracy"]),
+        "stress": float(w["stress"]),
+        "total": float(w["total"]),
+        "phones": phones,
+        "phones-accuracy": [float(x) for x in w.get("phones-accuracy", [])],
+        "mispronunciations": [
+            {"canonical-phone": m["canonical-phone"], "index": int(m["index"]),
+             "pronounced-phone": m["pronounced-phone"]}
+            for m in w.get("mispronunciations") or []
+        ],
+    }
+
+
+def decode_audio(row_audio: Any, utt_id: str = "?"):
+    """The waveform of a decoded ``audio`` cell as a 1-D float32 numpy array at 16 kHz."""
+    try:
+        if isinstance(row_audio, dict):  # datasets' legacy dict form
+            return row_audio["array"].astype("float32")
+        return row_audio.get_all_samples().data.mean(0).numpy()
+    except Exception as e:  # torchcodec raises RuntimeError/ValueError with FFmpeg's words
+        src = getattr(getattr(row_audio, "metadata", None), "path", None) or utt_id
+        raise DataError(f"cannot decode the audio of utterance {utt_id} ({src}): {e}. Check the file is a "
+                        "readable WAV/FLAC/MP3 and FFmpeg is installed (apt-get install ffmpeg).") from e

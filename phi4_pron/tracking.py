@@ -1,0 +1,53 @@
+"""Experiment tracking: one W&B run per job (resolved Hydra config as its config) and TensorBoard events."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+
+def report_to(cfg: DictConfig) -> list[str]:
+    """The Trainer integrations to switch on (TensorBoard gets its own callback, writing to ``logs/``)."""
+    return ["wandb"] if cfg.logger.wandb.enabled else []
+
+
+def tensorboard_callback(cfg: DictConfig, run_dir: Path):
+    if not cfg.logger.tensorboard:
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+    from transformers.integrations import TensorBoardCallback
+
+    return TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(run_dir / "logs")))
+
+
+def start_wandb(cfg: DictConfig, run_dir: Path, job_type: str, name: str, group: str | None = None) -> Any:
+    """Start this job's W&B run before the Trainer does, so it carries the whole resolved config."""
+    if not cfg.logger.wandb.enabled:
+        return None
+    import wandb
+
+    w = cfg.logger.wandb
+    os.environ.setdefault("WANDB_SILENT", "true")
+    return wandb.init(
+        project=w.project,
+        entity=w.entity,
+        mode=w.mode,
+        group=w.group or group or cfg.experiment_name,
+        name=name,
+        job_type=job_type,
+        tags=[cfg.lora.name, cfg.hardware.name, cfg.model.name, *w.tags],
+        config=OmegaConf.to_container(cfg, resolve=True),
+        dir=str(run_dir),
+        reinit="finish_previous",
+    )
+
+
+def finish_wandb(run: Any, summary: dict[str, Any] | None = None) -> None:
+    if run is None:
+        return
+    if summary:
+        run.summary.update(summary)
+    run.finish()

@@ -1,0 +1,19 @@
+"""Entrypoint: ``python -m phi4_pron.train [overrides]`` (``-m`` for sweeps). Composes the config and calls."""
+
+from __future__ import annotations
+
+import hydra
+from omegaconf import DictConfig
+
+from phi4_pron import config as _config  # noqa: F401  (registers the schema before Hydra composes)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> None:
+    from phi4_pron.training import run_training  # heavy imports only once the config is valid
+
+    run_training(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,173 @@
+"""One training job: model + speech LoRA + data + collator -> TRL SFTTrainer -> a complete run folder.
+
+Run folder (Hydra's output dir)::
+
+    checkpoint-epoch-N/     adapter + optimizer/scheduler/RNG state after epoch N (resumable)
+    final_model/            adapter_config.json, adapter_model.safetensors, tokenizer, feature extractor
+    logs/                   TensorBoard events
+    training_config.json    what was trained, how, and how many parameters
+    .hydra/                 the composed config
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+from transformers import set_seed
+from trl import SFTConfig, SFTTrainer
+
+from phi4_pron import __version__
+from phi4_pron.callbacks import EpochCheckpointCallback, latest_checkpoint
+from phi4_pron.collator import PronunciationCollator
+from phi4_pron.config import LoraInit
+from phi4_pron.data import load_split
+from phi4_pron.io import write_json_atomic
+from phi4_pron.modeling import (
+    adapter_summary,
+    attach_speech_lora,
+    load_base_model,
+    load_tokenizer_and_features,
+    resolve_model_path,
+    vision_lora_summary,
+)
+from phi4_pron.tracking import finish_wandb, report_to, start_wandb, tensorboard_callback
+
+log = logging.getLogger(__name__)
+
+
+def gradient_accumulation(cfg: DictConfig, world_size: int) -> int:
+    """Accumulation steps that keep ``optim.effective_batch_size``; it must divide evenly."""
+    per_step = cfg.hardware.per_device_train_batch_size * world_size
+    accum, rest = divmod(cfg.optim.effective_batch_size, per_step)
+    if accum < 1 or rest:
+        raise ValueError(
+            f"optim.effective_batch_size={cfg.optim.effective_batch_size} is not a multiple of "
+            f"hardware.per_device_train_batch_size={cfg.hardware.per_device_train_batch_size} x {world_size} "
+            "process(es); change one of them."
+        )
+    return accum
+
+
+def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
+    """``resume=auto`` continues from the newest checkpoint if the run folder has one; ``true`` requires one."""
+    mode = str(cfg.resume).lower()
+    if mode in ("false", "no", "0"):
+        return None
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None and mode in ("true", "yes", "1"):
+        raise FileNotFoundError(f"resume=true but {run_dir} has no checkpoint-* folder to resume from.")
+    if ckpt is not None:
+        log.info("resuming from %s", ckpt)
+    return str(ckpt) if ckpt else None
+
+
+def sft_config(cfg: DictConfig, run_dir: Path, world_size: int) -> SFTConfig:
+    hw, opt = cfg.hardware, cfg.optim
+    return SFTConfig(
+        output_dir=str(run_dir),
+        run_name=cfg.run_name,
+        num_train_epochs=opt.epochs,
+        max_steps=opt.max_steps,
+        per_device_train_batch_size=hw.per_device_train_batch_size,
+        gradient_accumulation_steps=gradient_accumulation(cfg, world_size),
+        learning_rate=opt.lr,
+        optim=opt.optimizer,
+        weight_decay=opt.weight_decay,
+        warmup_steps=opt.warmup_ratio,
+        lr_scheduler_type=opt.lr_scheduler,
+        max_grad_norm=opt.max_grad_norm,
+        bf16=hw.bf16,
+        use_cpu=hw.num_gpus == 0,
+        gradient_checkpointing=hw.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        dataloader_num_workers=hw.dataloader_num_workers,
+        save_strategy="epoch",
+        logging_steps=cfg.logger.logging_steps,
+        logging_first_step=True,
+        report_to=report_to(cfg),
+        seed=cfg.seed,
+        remove_unused_columns=False,
+        dataset_kwargs={"skip_prepare_dataset": True},
+        max_length=None,  # the collator enforces model.max_length
+        ddp_find_unused_parameters=False,
+    )
+
+
+def run_training(cfg: DictConfig) -> dict[str, Any]:
+    """Train one configuration; returns the final training metrics."""
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    set_seed(cfg.seed)
+
+    model_path = resolve_model_path(cfg.model)
+    tokenizer, feature_extractor = load_tokenizer_and_features(model_path, cfg.model.revision)
+    train_ds = load_split(cfg.data.path, cfg.data.train_split, cfg.data.revision, cfg.data.max_train_samples)
+    args = sft_config(cfg, run_dir, world_size)
+
+    model = load_base_model(model_path, cfg.model, cfg.hardware.attn_implementation)
+    model = attach_speech_lora(model, cfg.lora, model_path, cfg.model.revision)
+    adapter = adapter_summary(model)
+    log.info("%s: %d trainable parameters of %d (%.3f%%)", cfg.lora.name, adapter["trainable_params"],
+             adapter["total_params"], 100 * adapter["trainable_share"])
+
+    init = LoraInit(cfg.lora.init)
+    write_json_atomic(run_dir / "training_config.json", {
+        "config_name": cfg.lora.run_name,
+        "description": cfg.lora.description,
+        "experiment": cfg.experiment_name,
+        "model": {"name_or_path": model_path, "revision": cfg.model.revision, "dtype": cfg.model.dtype},
+        "speech_lora": {"init": init.value, "source": f"{model_path}/{cfg.lora.adapter_subfolder}"
+                        if init is LoraInit.pretrained else "fresh initialisation", **adapter},
+        "vision_lora": vision_lora_summary(model_path, cfg.lora),
+        "trainable_params": adapter["trainable_params"],
+        "trainable_share": adapter["trainable_share"],
+        "effective_batch_size": args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size,
+        "world_size": world_size,
+        "train_samples": len(train_ds),
+        "data": {"path": cfg.data.path, "train_split": cfg.data.train_split},
+        "training_arguments": args.to_dict(),
+        "phi4_pron_version": __version__,
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    })
+
+    collator = PronunciationCollator(tokenizer, feature_extractor, max_length=cfg.model.max_length)
+    callbacks = [EpochCheckpointCallback()]
+    if (tb := tensorboard_callback(cfg, run_dir)) is not None:
+        callbacks.append(tb)
+    wandb_run = start_wandb(cfg, run_dir, job_type="train", name=cfg.run_name)
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        data_collator=collator,
+        processing_class=tokenizer,
+        callbacks=callbacks,
+    )
+    try:
+        result = trainer.train(resume_from_checkpoint=resume_checkpoint(cfg, run_dir))
+        if trainer.is_world_process_zero():
+            final = run_dir / "final_model"
+            trainer.model.save_pretrained(final)
+            tokenizer.save_pretrained(final)
+            feature_extractor.save_pretrained(final)
+        metrics = dict(result.metrics)
+        finish_wandb(wandb_run, {f"train/{k}": v for k, v in metrics.items()})
+        return metrics
+    finally:
+        release(trainer)
+
+
+def release(trainer: SFTTrainer) -> None:
+    """Free the model, optimizer and accelerator memory so the next job of a sweep starts clean."""
+    trainer.accelerator.free_memory()
+    trainer.model = trainer.model_wrapped = trainer.optimizer = trainer.lr_scheduler = None
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
