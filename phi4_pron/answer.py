@@ -86,8 +86,11 @@ def target_answer(row: dict[str, Any]) -> str:
     answer["transcript"] = row["text"].strip()
     answer["phones"] = " ".join(pronounced_phones(row["words"]))
     answer["mispronunciations"] = [
-        {"word": w["text"], "canonical": strip_stress(m["canonical-phone"]),
-         "pronounced": strip_stress(m["pronounced-phone"])}
+        {
+            "word": w["text"],
+            "canonical": strip_stress(m["canonical-phone"]),
+            "pronounced": strip_stress(m["pronounced-phone"]),
+        }
         for w in row["words"]
         for m in w.get("mispronunciations") or []
     ]

@@ -48,7 +48,7 @@ class PronunciationCollator:
             return_tensors="pt",
         )
         sequences, label_seqs = [], []
-        for row, n_audio in zip(rows, audio["audio_embed_sizes"].tolist()):
+        for row, n_audio in zip(rows, audio["audio_embed_sizes"].tolist(), strict=True):
             prompt = self._ids(prompt_text(row["text"]))
             at = prompt.index(self.audio_token_id)
             prompt = prompt[:at] + [self.audio_token_id] * n_audio + prompt[at + 1 :]

@@ -6,7 +6,8 @@ Sources (``data.path``):
 - a folder written by ``Dataset(Dict).save_to_disk``;
 - otherwise a Hugging Face Hub dataset id (``mispeech/speechocean762``).
 
-Every split has the columns ``id``, ``audio`` (``datasets.Audio``, decoded by torchcodec at 16 kHz mono),
+Every split has the columns ``id``, ``audio`` (``datasets.Audio(decode=False)``: a path or bytes, decoded by
+:func:`decode_audio` with torchcodec at 16 kHz mono, so a bad file is named with its utterance),
 ``text``, ``accuracy``, ``completeness``, ``fluency``, ``prosodic``, ``total`` and ``words`` (the corpus's
 word annotations, ``phones`` as a list).
 """
@@ -19,7 +20,7 @@ from typing import Any
 
 from datasets import Audio, Dataset, DatasetDict, load_dataset, load_from_disk
 
-SAMPLING_RATE = 16_000
+SAMPLING_RATE = 16_000  # Phi-4-multimodal's feature extractor expects 16 kHz
 COLUMNS = ["id", "audio", "text", "accuracy", "completeness", "fluency", "prosodic", "total", "words"]
 
 
@@ -45,7 +46,7 @@ def load_split(path: str, split: str, revision: str | None = None, limit: int | 
         ds = _from_hub(path, split, revision)
     if limit is not None:
         ds = ds.select(range(min(limit, len(ds))))
-    return ds.cast_column("audio", Audio(sampling_rate=SAMPLING_RATE, num_channels=1))
+    return ds.cast_column("audio", Audio(decode=False))
 
 
 def _normalise(ds: Dataset) -> Dataset:
@@ -83,8 +84,9 @@ def find_scores_json(root: Path) -> Path:
 def _read_table(file: Path) -> dict[str, str]:
     """A Kaldi two-column file (``key value...``) as a dict."""
     if not file.exists():
-        raise DataError(f"{file} is missing: a Kaldi data folder needs wav.scp and text. Is data.path the "
-                        "release's top folder?")
+        raise DataError(
+            f"{file} is missing: a Kaldi data folder needs wav.scp and text. Is data.path the release's top folder?"
+        )
     rows = {}
     for n, line in enumerate(file.read_text().splitlines(), 1):
         if line.strip():
@@ -107,20 +109,26 @@ def _from_kaldi(root: Path, split: str) -> Dataset:
     for utt, rel in wav_scp.items():
         wav = root / rel
         if not wav.exists():
-            raise DataError(f"audio file {wav} (utterance {utt}, {root / split / 'wav.scp'}) does not exist. "
-                            "Restore it from the release or remove the utterance from wav.scp.")
+            raise DataError(
+                f"audio file {wav} (utterance {utt}, {root / split / 'wav.scp'}) does not exist. "
+                "Restore it from the release or remove the utterance from wav.scp."
+            )
         if utt not in scores:
             raise DataError(f"utterance {utt} of {root / split / 'wav.scp'} has no entry in {scores_file}.")
         s = scores[utt]
         try:
             row = {
-                "id": utt, "audio": str(wav), "text": s.get("text") or texts[utt],
+                "id": utt,
+                "audio": str(wav),
+                "text": s.get("text") or texts[utt],
                 **{k: float(s[k]) for k in ("accuracy", "completeness", "fluency", "prosodic", "total")},
                 "words": [_word(w) for w in s["words"]],
             }
         except (KeyError, TypeError, ValueError) as e:
-            raise DataError(f"{scores_file}: utterance {utt} lacks or mangles the field {e}; each utterance "
-                            "needs text, accuracy, completeness, fluency, prosodic, total and words.") from e
+            raise DataError(
+                f"{scores_file}: utterance {utt} lacks or mangles the field {e}; each utterance "
+                "needs text, accuracy, completeness, fluency, prosodic, total and words."
+            ) from e
         for c in COLUMNS:
             rows[c].append(row[c])
     return Dataset.from_dict(rows)
@@ -136,20 +144,45 @@ def _word(w: dict[str, Any]) -> dict[str, Any]:
         "phones": phones,
         "phones-accuracy": [float(x) for x in w.get("phones-accuracy", [])],
         "mispronunciations": [
-            {"canonical-phone": m["canonical-phone"], "index": int(m["index"]),
-             "pronounced-phone": m["pronounced-phone"]}
+            {
+                "canonical-phone": m["canonical-phone"],
+                "index": int(m["index"]),
+                "pronounced-phone": m["pronounced-phone"],
+            }
             for m in w.get("mispronunciations") or []
         ],
     }
 
 
-def decode_audio(row_audio: Any, utt_id: str = "?"):
-    """The waveform of a decoded ``audio`` cell as a 1-D float32 numpy array at 16 kHz."""
+def _decoder(audio: Any):
+    from torchcodec.decoders import AudioDecoder
+
+    source = audio if isinstance(audio, (str, Path)) else audio.get("bytes") or audio["path"]
+    return AudioDecoder(source, sample_rate=SAMPLING_RATE, num_channels=1)
+
+
+def _audio_name(audio: Any) -> str:
+    return str(audio) if isinstance(audio, (str, Path)) else str(audio.get("path") or "embedded audio")
+
+
+def decode_audio(audio: Any, utt_id: str = "?"):
+    """An ``audio`` cell (path, or ``{"bytes", "path"}``) as a 1-D float32 numpy array at 16 kHz mono."""
     try:
-        if isinstance(row_audio, dict):  # datasets' legacy dict form
-            return row_audio["array"].astype("float32")
-        return row_audio.get_all_samples().data.mean(0).numpy()
+        return _decoder(audio).get_all_samples().data[0].numpy()
     except Exception as e:  # torchcodec raises RuntimeError/ValueError with FFmpeg's words
-        src = getattr(getattr(row_audio, "metadata", None), "path", None) or utt_id
-        raise DataError(f"cannot decode the audio of utterance {utt_id} ({src}): {e}. Check the file is a "
-                        "readable WAV/FLAC/MP3 and FFmpeg is installed (apt-get install ffmpeg).") from e
+        raise DataError(
+            f"cannot decode the audio of utterance {utt_id} ({_audio_name(audio)}): {e}. Check the file is a "
+            "readable WAV/FLAC/MP3 and FFmpeg is installed (apt-get install ffmpeg)."
+        ) from e
+
+
+def check_audio(ds: Dataset) -> None:
+    """Open every recording's header (cheap) so a broken file stops the run before any model loads."""
+    for utt, audio in zip(ds["id"], ds["audio"], strict=True):
+        try:
+            _decoder(audio).metadata  # noqa: B018
+        except Exception as e:
+            raise DataError(
+                f"cannot read the audio of utterance {utt} ({_audio_name(audio)}): {e}. Replace the file or "
+                "remove the utterance from the corpus."
+            ) from e

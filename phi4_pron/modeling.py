@@ -29,13 +29,17 @@ def resolve_model_path(model_cfg: Any) -> str:
         return str(ensure_tiny_checkpoint(path, REPO_ROOT / "data" / "speechocean762-mini"))
     if path.is_dir():
         if not (path / "config.json").exists():
-            raise ModelPathError(f"model folder {path} has no config.json: point model.name_or_path at the folder "
-                                 "holding the checkpoint's config.json and *.safetensors files.")
+            raise ModelPathError(
+                f"model folder {path} has no config.json: point model.name_or_path at the folder "
+                "holding the checkpoint's config.json and *.safetensors files."
+            )
         return str(path)
     name = model_cfg.name_or_path
     if path.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
-        raise ModelPathError(f"model.name_or_path={name!r} does not exist. Give a local checkpoint folder or a "
-                             "hub id such as microsoft/Phi-4-multimodal-instruct.")
+        raise ModelPathError(
+            f"model.name_or_path={name!r} does not exist. Give a local checkpoint folder or a "
+            "hub id such as microsoft/Phi-4-multimodal-instruct."
+        )
     return name
 
 
@@ -61,8 +65,15 @@ def attach_speech_lora(model, lora_cfg: Any, path: str, revision: str | None = N
     if LoraInit(lora_cfg.init) is LoraInit.pretrained:
         peft_cfg = PeftConfig.from_pretrained(path, subfolder=lora_cfg.adapter_subfolder, revision=revision)
         if (peft_cfg.r, peft_cfg.lora_alpha) != (lora_cfg.r, lora_cfg.alpha):
-            log.warning("%s/%s has r=%s alpha=%s, the config says r=%s alpha=%s: the checkpoint's values are used",
-                        path, lora_cfg.adapter_subfolder, peft_cfg.r, peft_cfg.lora_alpha, lora_cfg.r, lora_cfg.alpha)
+            log.warning(
+                "%s/%s has r=%s alpha=%s, the config says r=%s alpha=%s: the checkpoint's values are used",
+                path,
+                lora_cfg.adapter_subfolder,
+                peft_cfg.r,
+                peft_cfg.lora_alpha,
+                lora_cfg.r,
+                lora_cfg.alpha,
+            )
         peft_cfg.lora_dropout = lora_cfg.dropout
         peft_cfg.inference_mode = False
         return PeftModel.from_pretrained(
@@ -96,8 +107,13 @@ def adapter_summary(model: PeftModel) -> dict[str, Any]:
 
 def vision_lora_summary(path: str, lora_cfg: Any) -> dict[str, Any]:
     """The vision LoRA as the checkpoint ships it (read locally when possible); frozen and not loaded."""
-    summary = {"r": lora_cfg.vision.r, "alpha": lora_cfg.vision.alpha, "trainable": lora_cfg.vision.trainable,
-               "loaded": False, "note": "speech inputs never use the vision LoRA"}
+    summary = {
+        "r": lora_cfg.vision.r,
+        "alpha": lora_cfg.vision.alpha,
+        "trainable": lora_cfg.vision.trainable,
+        "loaded": False,
+        "note": "speech inputs never use the vision LoRA",
+    }
     local = Path(path) / "vision-lora" / "adapter_config.json"
     if local.exists():
         cfg = json.loads(local.read_text())

@@ -25,8 +25,11 @@ LORA_TARGET_MODULES = r".*model\.layers\.\d+\.(self_attn\.(qkv_proj|o_proj)|mlp\
 
 def _training_text(corpus_dir: Path | None) -> list[str]:
     """Text the tiny BPE is trained on: the answer format's keys and the corpus's words and phones."""
-    lines = ['{"accuracy": 8, "fluency": 9, "prosodic": 7, "total": 8, "transcript": "", "phones": "",'
-             ' "mispronunciations": []}', "Assess the pronunciation of this recording."]
+    lines = [
+        '{"accuracy": 8, "fluency": 9, "prosodic": 7, "total": 8, "transcript": "", "phones": "",'
+        ' "mispronunciations": []}',
+        "Assess the pronunciation of this recording.",
+    ]
     if corpus_dir is not None and (corpus_dir / "resource" / "lexicon.txt").exists():
         lines += (corpus_dir / "resource" / "lexicon.txt").read_text().splitlines()
     return lines
@@ -104,8 +107,9 @@ def _save_adapter(model, out_dir: Path, r: int, alpha: int, seed: int) -> None:
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.01, target_modules=LORA_TARGET_MODULES,
-                        task_type="CAUSAL_LM")
+    config = LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=0.01, target_modules=LORA_TARGET_MODULES, task_type="CAUSAL_LM"
+    )
     peft_model = get_peft_model(model, config)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():

@@ -27,7 +27,7 @@ from phi4_pron import __version__
 from phi4_pron.callbacks import EpochCheckpointCallback, latest_checkpoint
 from phi4_pron.collator import PronunciationCollator
 from phi4_pron.config import LoraInit
-from phi4_pron.data import load_split
+from phi4_pron.data import check_audio, load_split
 from phi4_pron.io import write_json_atomic
 from phi4_pron.modeling import (
     adapter_summary,
@@ -109,33 +109,47 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
     model_path = resolve_model_path(cfg.model)
     tokenizer, feature_extractor = load_tokenizer_and_features(model_path, cfg.model.revision)
     train_ds = load_split(cfg.data.path, cfg.data.train_split, cfg.data.revision, cfg.data.max_train_samples)
+    check_audio(train_ds)
     args = sft_config(cfg, run_dir, world_size)
 
     model = load_base_model(model_path, cfg.model, cfg.hardware.attn_implementation)
     model = attach_speech_lora(model, cfg.lora, model_path, cfg.model.revision)
     adapter = adapter_summary(model)
-    log.info("%s: %d trainable parameters of %d (%.3f%%)", cfg.lora.name, adapter["trainable_params"],
-             adapter["total_params"], 100 * adapter["trainable_share"])
+    log.info(
+        "%s: %d trainable parameters of %d (%.3f%%)",
+        cfg.lora.name,
+        adapter["trainable_params"],
+        adapter["total_params"],
+        100 * adapter["trainable_share"],
+    )
 
     init = LoraInit(cfg.lora.init)
-    write_json_atomic(run_dir / "training_config.json", {
-        "config_name": cfg.lora.run_name,
-        "description": cfg.lora.description,
-        "experiment": cfg.experiment_name,
-        "model": {"name_or_path": model_path, "revision": cfg.model.revision, "dtype": cfg.model.dtype},
-        "speech_lora": {"init": init.value, "source": f"{model_path}/{cfg.lora.adapter_subfolder}"
-                        if init is LoraInit.pretrained else "fresh initialisation", **adapter},
-        "vision_lora": vision_lora_summary(model_path, cfg.lora),
-        "trainable_params": adapter["trainable_params"],
-        "trainable_share": adapter["trainable_share"],
-        "effective_batch_size": args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size,
-        "world_size": world_size,
-        "train_samples": len(train_ds),
-        "data": {"path": cfg.data.path, "train_split": cfg.data.train_split},
-        "training_arguments": args.to_dict(),
-        "phi4_pron_version": __version__,
-        "config": OmegaConf.to_container(cfg, resolve=True),
-    })
+    write_json_atomic(
+        run_dir / "training_config.json",
+        {
+            "config_name": cfg.lora.run_name,
+            "description": cfg.lora.description,
+            "experiment": cfg.experiment_name,
+            "model": {"name_or_path": model_path, "revision": cfg.model.revision, "dtype": cfg.model.dtype},
+            "speech_lora": {
+                "init": init.value,
+                "source": f"{model_path}/{cfg.lora.adapter_subfolder}"
+                if init is LoraInit.pretrained
+                else "fresh initialisation",
+                **adapter,
+            },
+            "vision_lora": vision_lora_summary(model_path, cfg.lora),
+            "trainable_params": adapter["trainable_params"],
+            "trainable_share": adapter["trainable_share"],
+            "effective_batch_size": args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size,
+            "world_size": world_size,
+            "train_samples": len(train_ds),
+            "data": {"path": cfg.data.path, "train_split": cfg.data.train_split},
+            "training_arguments": args.to_dict(),
+            "phi4_pron_version": __version__,
+            "config": OmegaConf.to_container(cfg, resolve=True),
+        },
+    )
 
     collator = PronunciationCollator(tokenizer, feature_extractor, max_length=cfg.model.max_length)
     callbacks = [EpochCheckpointCallback()]

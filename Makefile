@@ -1,0 +1,20 @@
+# The two commands of README.md.
+PY := .venv/bin/python
+
+.PHONY: smoke test lint setup
+
+setup: .venv/.installed
+
+.venv/.installed: pyproject.toml constraints/cpu.txt scripts/setup.sh
+	bash scripts/setup.sh
+	touch $@
+
+smoke: setup  ## set up, then fine-tune the tiny model on the bundled corpus (CPU, ~1 min)
+	WANDB_MODE=offline $(PY) -m phi4_pron.train experiment=smoke
+
+test: setup  ## set up, then run the test suite
+	$(PY) -m ruff check phi4_pron tests
+	$(PY) -m pytest -q
+
+lint: setup
+	$(PY) -m ruff check phi4_pron tests && $(PY) -m ruff format --check phi4_pron tests

@@ -1,0 +1,66 @@
+"""Shared fixtures: an isolated cache for the tiny model, offline W&B, and a helper that runs a training job."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+MINI = REPO / "data" / "speechocean762-mini"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_env(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cache")
+    os.environ["PHI4_PRON_CACHE"] = str(cache)
+    os.environ["WANDB_MODE"] = "offline"
+    os.environ["WANDB_SILENT"] = "true"
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    yield
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(_isolated_env) -> Path:
+    from phi4_pron.tiny_model import TINY_MODEL_VERSION, ensure_tiny_checkpoint
+
+    return ensure_tiny_checkpoint(
+        Path(os.environ["PHI4_PRON_CACHE"]) / f"tiny-phi4-multimodal-{TINY_MODEL_VERSION}", MINI
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_processing(tiny_model_dir):
+    from phi4_pron.modeling import load_tokenizer_and_features
+
+    return load_tokenizer_and_features(str(tiny_model_dir))
+
+
+@pytest.fixture(scope="session")
+def mini_train():
+    from phi4_pron.data import load_split
+
+    return load_split(str(MINI), "train")
+
+
+def compose(overrides: list[str], config_name: str = "train"):
+    """Compose the real config (with Hydra's own node) exactly as the entrypoint would."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    import phi4_pron.config  # noqa: F401
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return hydra_compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
+
+
+def run_cli(args: list[str], cwd: Path = REPO, check: bool = True, timeout: int = 900):
+    """Run ``python -m <module> args`` in a subprocess: the real entrypoint, Hydra and all."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{args} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc

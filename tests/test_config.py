@@ -1,0 +1,76 @@
+"""Hydra composition of every group, and the schema rejecting typos and wrong types."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import compose, run_cli
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+
+GROUPS = {
+    "model": ["phi4mm", "tiny"],
+    "lora": ["r320", "r64"],
+    "optim": ["paper"],
+    "data": ["speechocean762", "mini"],
+    "hardware": ["a100", "a6000", "2x4090", "h100", "cpu"],
+    "logger": ["wandb", "tensorboard", "none"],
+    "experiment": ["smoke"],
+}
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g, opts in GROUPS.items() for o in opts])
+def test_every_option_composes_and_validates(group, option):
+    cfg = compose([f"{group}={option}"])
+    OmegaConf.resolve(cfg)  # every interpolation resolves
+    if group != "experiment":
+        assert cfg[group].name == option
+
+
+def test_defaults_are_the_paper_setting():
+    cfg = compose([])
+    assert (cfg.optim.lr, cfg.optim.epochs, cfg.optim.effective_batch_size) == (2e-5, 3, 64)
+    assert cfg.hardware.per_device_train_batch_size == 8 and cfg.model.max_length == 2048
+    assert cfg.model.name_or_path == "microsoft/Phi-4-multimodal-instruct" and cfg.model.dtype == "bfloat16"
+    assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.init.value) == (64, 128, 0.05, "fresh")
+    r320 = compose(["lora=r320"]).lora
+    assert (r320.r, r320.alpha, r320.dropout, r320.init.value) == (320, 640, 0.01, "pretrained")
+    assert (r320.vision.r, r320.vision.alpha, r320.vision.trainable) == (256, 512, False)
+
+
+def test_run_dir_is_named_after_the_lora_config():
+    assert compose(["lora=r320"]).hydra.run.dir == "output/pretrained_r320"
+    assert compose(["lora=r64"]).hydra.run.dir == "output/paper_r64"
+    assert compose(["experiment=smoke", "lora=r64"]).hydra.run.dir == "output/smoke/paper_r64"
+
+
+@pytest.mark.parametrize("override,key", [("optim.lrr=1e-5", "lrr"), ("lora.rank=8", "rank"), ("seeed=1", "seeed")])
+def test_misspelt_key_fails_naming_it(override, key):
+    with pytest.raises(ConfigCompositionException) as e:
+        compose([override])
+    assert key in str(e.value) + str(e.value.__cause__)
+
+
+@pytest.mark.parametrize("override", ["optim.epochs=three", "lora.r=big", "lora.init=random", "hardware=tpu"])
+def test_wrong_value_fails(override):
+    with pytest.raises(ConfigCompositionException):
+        compose([override])
+
+
+def test_gradient_accumulation_is_derived_from_the_effective_batch():
+    from phi4_pron.training import gradient_accumulation
+
+    assert gradient_accumulation(compose(["hardware=a100"]), world_size=1) == 8
+    assert gradient_accumulation(compose(["hardware=2x4090"]), world_size=2) == 8
+    with pytest.raises(ValueError, match="effective_batch_size"):
+        gradient_accumulation(compose(["optim.effective_batch_size=12"]), world_size=1)
+
+
+def test_cli_rejects_typo_before_loading_anything():
+    proc = run_cli(["-m", "phi4_pron.train", "optim.lrr=1e-5"], check=False, timeout=120)
+    assert proc.returncode != 0
+    assert "lrr" in proc.stderr and "Loading weights" not in proc.stderr
+
+
+def test_cli_prints_the_composed_config():
+    proc = run_cli(["-m", "phi4_pron.train", "--cfg", "job", "lora=r320"], timeout=120)
+    assert "run_name: ${lora.run_name}" in proc.stdout and "r: 320" in proc.stdout

@@ -1,0 +1,86 @@
+"""Bad input gets a clear error naming the file or field and what to do."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from conftest import MINI
+
+from phi4_pron.data import DataError, decode_audio, load_split
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    dst = tmp_path / "corpus"
+    shutil.copytree(MINI, dst)
+    return dst
+
+
+def test_scores_json_at_the_root_is_accepted(corpus):
+    (corpus / "resource" / "scores.json").rename(corpus / "scores.json")
+    assert len(load_split(str(corpus), "test")) == 32
+
+
+def test_missing_scores_json(corpus):
+    (corpus / "resource" / "scores.json").unlink()
+    with pytest.raises(DataError, match="no scores.json in .*corpus"):
+        load_split(str(corpus), "train")
+
+
+def test_missing_audio_file(corpus):
+    wav = next((corpus / "WAVE").rglob("*.WAV"))
+    wav.unlink()
+    with pytest.raises(DataError, match=f"audio file .*{wav.name}.* does not exist"):
+        load_split(str(corpus), "train" if wav.stem in (corpus / "train" / "wav.scp").read_text() else "test")
+
+
+def test_unreadable_wav(corpus):
+    from phi4_pron.data import check_audio
+
+    utt, rel = (corpus / "train" / "wav.scp").read_text().split("\n")[0].split()
+    (corpus / rel).write_bytes(b"RIFF....not a wav at all")
+    ds = load_split(str(corpus), "train")
+    with pytest.raises(DataError, match=f"cannot read the audio of utterance {utt} .*{rel}"):
+        check_audio(ds)
+    with pytest.raises(DataError, match=f"cannot decode the audio of utterance {utt} .*{rel}"):
+        decode_audio(ds[0]["audio"], ds[0]["id"])
+
+
+def test_utterance_without_scores(corpus):
+    scores = json.loads((corpus / "resource" / "scores.json").read_text())
+    utt = (corpus / "test" / "wav.scp").read_text().split()[0]
+    del scores[utt]
+    (corpus / "resource" / "scores.json").write_text(json.dumps(scores))
+    with pytest.raises(DataError, match=f"utterance {utt} .* has no entry"):
+        load_split(str(corpus), "test")
+
+
+def test_data_path_that_does_not_exist(tmp_path):
+    with pytest.raises(DataError, match="neither a corpus folder nor a Hugging Face dataset id"):
+        load_split(str(tmp_path / "nowhere"), "train")
+
+
+def test_save_to_disk_folder_loads(tmp_path):
+    from datasets import DatasetDict
+
+    ds = load_split(str(MINI), "test", limit=3)
+    DatasetDict({"test": ds}).save_to_disk(str(tmp_path / "saved"))
+    again = load_split(str(tmp_path / "saved"), "test")
+    assert again["id"] == ds["id"] and again[0]["words"] == ds[0]["words"]
+
+
+def test_model_path_that_does_not_exist(tmp_path):
+    from omegaconf import OmegaConf
+
+    from phi4_pron.modeling import ModelPathError, resolve_model_path
+
+    cfg = OmegaConf.create({"name_or_path": str(tmp_path / "no-model"), "build_tiny": False})
+    with pytest.raises(ModelPathError, match="no-model.* does not exist"):
+        resolve_model_path(cfg)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelPathError, match="has no config.json"):
+        resolve_model_path(OmegaConf.create({"name_or_path": str(tmp_path / "empty"), "build_tiny": False}))
+    hub = OmegaConf.create({"name_or_path": "microsoft/Phi-4-multimodal-instruct", "build_tiny": False})
+    assert resolve_model_path(hub) == "microsoft/Phi-4-multimodal-instruct"

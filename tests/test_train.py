@@ -1,0 +1,72 @@
+"""The real entrypoint trains the tiny model with each LoRA config and leaves a complete run folder."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import MINI, run_cli
+
+SMOKE = ["-m", "phi4_pron.train", "experiment=smoke"]
+
+
+@pytest.fixture(scope="module", params=["r64", "r320"])
+def smoke_run(request, tmp_path_factory):
+    out = tmp_path_factory.mktemp(f"smoke_{request.param}")
+    run_cli([*SMOKE, f"lora={request.param}", f"output_root={out}"])
+    run_dir = out / {"r64": "paper_r64", "r320": "pretrained_r320"}[request.param]
+    return request.param, run_dir
+
+
+def test_run_folder_is_complete(smoke_run):
+    _, run_dir = smoke_run
+    for name in ["checkpoint-epoch-1", "checkpoint-epoch-2", "checkpoint-epoch-3", "logs", ".hydra"]:
+        assert (run_dir / name).is_dir(), name
+    for name in ["adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "preprocessor_config.json"]:
+        assert (run_dir / "final_model" / name).exists(), name
+    for name in ["optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json"]:
+        assert (run_dir / "checkpoint-epoch-3" / name).exists(), name
+    assert list((run_dir / "logs").glob("events.out.tfevents.*"))
+    assert (run_dir / ".hydra" / "config.yaml").exists()
+    assert list((run_dir / "wandb").glob("offline-run-*"))
+
+
+def test_loss_decreases(smoke_run):
+    _, run_dir = smoke_run
+    history = json.loads((run_dir / "checkpoint-epoch-3" / "trainer_state.json").read_text())["log_history"]
+    losses = [h["loss"] for h in history if "loss" in h]
+    assert len(losses) >= 6
+    first, last = sum(losses[:2]) / 2, sum(losses[-2:]) / 2
+    assert last < first - 0.2, losses
+
+
+def test_training_config_records_the_lora_setup(smoke_run):
+    lora, run_dir = smoke_run
+    tc = json.loads((run_dir / "training_config.json").read_text())
+    expected = {"r64": (64, 128, 0.05, "fresh"), "r320": (320, 640, 0.01, "pretrained")}[lora]
+    speech = tc["speech_lora"]
+    assert (speech["r"], speech["alpha"], speech["dropout"], speech["init"]) == expected
+    assert tc["vision_lora"] == {
+        "r": 256,
+        "alpha": 512,
+        "trainable": False,
+        "loaded": False,
+        "note": "speech inputs never use the vision LoRA",
+    }
+    assert 0 < tc["trainable_params"] < speech["total_params"]
+    assert tc["trainable_share"] == pytest.approx(tc["trainable_params"] / speech["total_params"])
+    assert tc["effective_batch_size"] == 4
+    assert tc["training_arguments"]["gradient_accumulation_steps"] == 1
+    assert tc["config_name"] == run_dir.name
+
+
+def test_saved_adapter_reloads_and_generates(smoke_run):
+    from phi4_pron.data import load_split
+    from phi4_pron.inference import generate_answers, load_adapter_for_inference
+
+    lora, run_dir = smoke_run
+    model, tokenizer, fe = load_adapter_for_inference(run_dir / "final_model")
+    assert model.peft_config["default"].r == {"r64": 64, "r320": 320}[lora]
+    rows = load_split(str(MINI), "test", limit=2)
+    answers = generate_answers(model, tokenizer, fe, [rows[0], rows[1]], max_new_tokens=8)
+    assert len(answers) == 2 and all(isinstance(a, str) and a for a in answers)
