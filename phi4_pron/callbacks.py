@@ -40,3 +40,47 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
             if step > best_step:
                 best, best_step = d, step
     return best
+
+
+class EpochEvalCallback(TrainerCallback):
+    """After each epoch's checkpoint, evaluate on the test split (or ``eval.limit`` utterances) and log it.
+
+    Results go to ``<run>/eval/checkpoint-epoch-N/`` (predictions, metrics, plots) and, through
+    ``trainer.log``, to every logger the Trainer reports to, with the epoch number.
+    """
+
+    def __init__(
+        self,
+        trainer,
+        tokenizer,
+        feature_extractor,
+        dataset,
+        run_dir: Path,
+        batch_size: int,
+        max_new_tokens: int,
+        tb_writer=None,
+    ):
+        self.trainer, self.tokenizer, self.feature_extractor = trainer, tokenizer, feature_extractor
+        self.dataset, self.run_dir = dataset, Path(run_dir)
+        self.batch_size, self.max_new_tokens, self.tb_writer = batch_size, max_new_tokens, tb_writer
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        from phi4_pron.evaluation import HEADLINE, evaluate_model
+        from phi4_pron.tracking import log_plots
+
+        epoch = math.ceil(state.epoch - 1e-6)
+        name = f"checkpoint-epoch-{epoch}"
+        metrics, plots = evaluate_model(
+            model,
+            self.tokenizer,
+            self.feature_extractor,
+            self.dataset,
+            self.run_dir / "eval" / name,
+            self.batch_size,
+            self.max_new_tokens,
+            info={"checkpoint": name, "epoch": epoch, "step": state.global_step},
+        )
+        self.trainer.log({f"eval/{k}": metrics[k] for k in HEADLINE})
+        log_plots(plots, state.global_step, self.tb_writer)

@@ -109,6 +109,14 @@ class LoggerConfig:
 
 
 @dataclass
+class EvalConfig:
+    every_epoch: bool = True  # evaluate after each epoch's checkpoint, inside training
+    limit: int | None = None  # first N utterances of the eval split; None = all
+    max_new_tokens: int = 256
+    batch_size: int | None = None  # None = hardware.per_device_eval_batch_size
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = MISSING
     lora: LoraConfig = MISSING
@@ -116,6 +124,7 @@ class TrainConfig:
     data: DataConfig = MISSING
     hardware: HardwareConfig = MISSING
     logger: LoggerConfig = MISSING
+    eval: EvalConfig = field(default_factory=EvalConfig)
     experiment_name: str = "default"
     experiment_description: str = ""
     output_root: str = "output"
@@ -125,12 +134,53 @@ class TrainConfig:
     resume: str = "auto"  # auto: continue from the run folder's newest checkpoint if any; true: must; false: never
 
 
+@dataclass
+class EvaluateConfig:
+    """``python -m phi4_pron.evaluate``: a run's checkpoint on the test split, or saved predictions re-scored."""
+
+    run_dir: str | None = None
+    checkpoint: str = "final_model"  # or checkpoint-epoch-N
+    predictions: str | None = None  # re-score this predictions.jsonl; no model is loaded
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    # None: as the run was trained (its training_config.json); or pick a group option, e.g. data=mini
+    data: DataConfig | None = None
+    hardware: HardwareConfig | None = None
+    logger: LoggerConfig | None = None
+    out_dir: str = "${eval_out_dir:${run_dir},${checkpoint},${predictions}}"
+
+
+@dataclass
+class AssessConfig:
+    """``python -m phi4_pron.assess``: score one recording, or a folder of them, with a trained adapter."""
+
+    model_path: str = MISSING  # a run's final_model/ (or checkpoint-epoch-N/)
+    audio: str | None = None  # one recording (any format FFmpeg reads)
+    text: str | None = None  # what the learner was asked to read
+    audio_dir: str | None = None  # or a folder of recordings ...
+    texts: str | None = None  # ... with a TSV of "<file name>\t<text>" lines
+    out: str | None = None  # write JSON lines here (default: print)
+    batch_size: int = 8
+    max_new_tokens: int = 256
+
+
+def _eval_out_dir(run_dir: str | None, checkpoint: str, predictions: str | None) -> str:
+    if predictions:
+        return str(Path(predictions).expanduser().parent)
+    if not run_dir:
+        return "."
+    return str(Path(run_dir) / "eval" / checkpoint)
+
+
 def register_configs() -> None:
     """Register the schema and the ``repo_root`` resolver; safe to call more than once."""
     if not OmegaConf.has_resolver("repo_root"):
         OmegaConf.register_new_resolver("repo_root", lambda: str(REPO_ROOT))
+    if not OmegaConf.has_resolver("eval_out_dir"):
+        OmegaConf.register_new_resolver("eval_out_dir", _eval_out_dir)
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
+    cs.store(name="evaluate_schema", node=EvaluateConfig)
+    cs.store(name="assess_schema", node=AssessConfig)
 
 
 register_configs()

@@ -176,13 +176,18 @@ def decode_audio(audio: Any, utt_id: str = "?"):
         ) from e
 
 
+def check_audio_file(audio: Any, utt_id: str = "?") -> None:
+    """Open one recording's header (cheap): a missing or broken file raises :class:`DataError` naming it."""
+    try:
+        _decoder(audio).metadata  # noqa: B018
+    except Exception as e:
+        raise DataError(
+            f"cannot read the audio of utterance {utt_id} ({_audio_name(audio)}): {e}. Replace the file or "
+            "remove the utterance from the corpus."
+        ) from e
+
+
 def check_audio(ds: Dataset) -> None:
-    """Open every recording's header (cheap) so a broken file stops the run before any model loads."""
+    """Check every recording of a split, so a broken file stops the run before any model loads."""
     for utt, audio in zip(ds["id"], ds["audio"], strict=True):
-        try:
-            _decoder(audio).metadata  # noqa: B018
-        except Exception as e:
-            raise DataError(
-                f"cannot read the audio of utterance {utt} ({_audio_name(audio)}): {e}. Replace the file or "
-                "remove the utterance from the corpus."
-            ) from e
+        check_audio_file(audio, utt)

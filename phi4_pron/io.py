@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -25,5 +26,17 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     return path
 
 
+def _finite(obj: Any) -> Any:
+    """NaN/inf become null, so the file is strict JSON (jq, JavaScript) and still says 'undefined'."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
 def write_json_atomic(path: str | Path, obj: Any) -> Path:
-    return write_text_atomic(path, json.dumps(obj, indent=2, default=str) + "\n")
+    """Strict JSON (NaN written as null), atomically."""
+    return write_text_atomic(path, json.dumps(_finite(obj), indent=2, default=str, allow_nan=False) + "\n")

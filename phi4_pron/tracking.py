@@ -51,3 +51,19 @@ def finish_wandb(run: Any, summary: dict[str, Any] | None = None) -> None:
     if summary:
         run.summary.update(summary)
     run.finish()
+
+
+def log_plots(plots: dict[str, Path], step: int, tb_writer=None) -> None:
+    """Scatter plots to TensorBoard (as images) and to the active W&B run."""
+    if tb_writer is not None:
+        import matplotlib.image as mpimg
+
+        for aspect, path in plots.items():
+            tb_writer.add_image(f"eval/scatter_{aspect}", mpimg.imread(path)[..., :3], step, dataformats="HWC")
+        tb_writer.flush()
+    try:
+        import wandb
+    except ImportError:
+        return
+    if wandb.run is not None:
+        wandb.log({**{f"eval/scatter_{a}": wandb.Image(str(p)) for a, p in plots.items()}, "train/global_step": step})

@@ -24,7 +24,7 @@ from transformers import set_seed
 from trl import SFTConfig, SFTTrainer
 
 from phi4_pron import __version__
-from phi4_pron.callbacks import EpochCheckpointCallback, latest_checkpoint
+from phi4_pron.callbacks import EpochCheckpointCallback, EpochEvalCallback, latest_checkpoint
 from phi4_pron.collator import PronunciationCollator
 from phi4_pron.config import LoraInit
 from phi4_pron.data import check_audio, load_split
@@ -152,9 +152,7 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
     )
 
     collator = PronunciationCollator(tokenizer, feature_extractor, max_length=cfg.model.max_length)
-    callbacks = [EpochCheckpointCallback()]
-    if (tb := tensorboard_callback(cfg, run_dir)) is not None:
-        callbacks.append(tb)
+    tb = tensorboard_callback(cfg, run_dir)
     wandb_run = start_wandb(cfg, run_dir, job_type="train", name=cfg.run_name)
     trainer = SFTTrainer(
         model=model,
@@ -162,8 +160,22 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
         train_dataset=train_ds,
         data_collator=collator,
         processing_class=tokenizer,
-        callbacks=callbacks,
+        callbacks=[EpochCheckpointCallback(), *([tb] if tb else [])],
     )
+    if cfg.eval.every_epoch:
+        eval_ds = load_split(cfg.data.path, cfg.data.eval_split, cfg.data.revision, cfg.eval.limit)
+        trainer.add_callback(
+            EpochEvalCallback(
+                trainer,
+                tokenizer,
+                feature_extractor,
+                eval_ds,
+                run_dir,
+                batch_size=cfg.eval.batch_size or cfg.hardware.per_device_eval_batch_size,
+                max_new_tokens=cfg.eval.max_new_tokens,
+                tb_writer=tb.tb_writer if tb else None,
+            )
+        )
     try:
         result = trainer.train(resume_from_checkpoint=resume_checkpoint(cfg, run_dir))
         if trainer.is_world_process_zero():

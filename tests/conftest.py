@@ -64,3 +64,21 @@ def run_cli(args: list[str], cwd: Path = REPO, check: bool = True, timeout: int 
     if check and proc.returncode != 0:
         raise AssertionError(f"{args} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc
+
+
+RUN_NAMES = {"r64": "paper_r64", "r320": "pretrained_r320"}
+
+
+@pytest.fixture(scope="session")
+def smoke_runs(tmp_path_factory):
+    """Train each LoRA config once per session, through the real entrypoint; returns a getter."""
+    runs: dict[str, Path] = {}
+
+    def get(lora: str) -> Path:
+        if lora not in runs:
+            out = tmp_path_factory.mktemp(f"smoke_{lora}")
+            run_cli(["-m", "phi4_pron.train", "experiment=smoke", f"lora={lora}", f"output_root={out}"])
+            runs[lora] = out / RUN_NAMES[lora]
+        return runs[lora]
+
+    return get

@@ -5,17 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import MINI, run_cli
-
-SMOKE = ["-m", "phi4_pron.train", "experiment=smoke"]
+from conftest import MINI
 
 
 @pytest.fixture(scope="module", params=["r64", "r320"])
-def smoke_run(request, tmp_path_factory):
-    out = tmp_path_factory.mktemp(f"smoke_{request.param}")
-    run_cli([*SMOKE, f"lora={request.param}", f"output_root={out}"])
-    run_dir = out / {"r64": "paper_r64", "r320": "pretrained_r320"}[request.param]
-    return request.param, run_dir
+def smoke_run(request, smoke_runs):
+    return request.param, smoke_runs(request.param)
 
 
 def test_run_folder_is_complete(smoke_run):
@@ -70,3 +65,15 @@ def test_saved_adapter_reloads_and_generates(smoke_run):
     rows = load_split(str(MINI), "test", limit=2)
     answers = generate_answers(model, tokenizer, fe, [rows[0], rows[1]], max_new_tokens=8)
     assert len(answers) == 2 and all(isinstance(a, str) and a for a in answers)
+
+
+def test_every_epoch_is_evaluated_and_logged(smoke_run):
+    _, run_dir = smoke_run
+    for epoch in (1, 2, 3):
+        out = run_dir / "eval" / f"checkpoint-epoch-{epoch}"
+        metrics = json.loads((out / "metrics.json").read_text())
+        assert metrics["epoch"] == epoch and metrics["n_utterances"] == 8
+        assert (out / "predictions.jsonl").exists() and (out / "scatter_total.png").exists()
+    history = json.loads((run_dir / "checkpoint-epoch-3" / "trainer_state.json").read_text())["log_history"]
+    # the epoch-3 evaluation runs after that checkpoint's state was written, so two epochs are in it
+    assert [round(h["epoch"]) for h in history if "eval/mdd_f1" in h][:2] == [1, 2]

@@ -1,0 +1,19 @@
+"""Entrypoint: ``python -m phi4_pron.assess model_path=... audio=... text=...`` (or ``audio_dir=... texts=...``)."""
+
+from __future__ import annotations
+
+import hydra
+from omegaconf import DictConfig
+
+from phi4_pron import config as _config  # noqa: F401  (registers the schema before Hydra composes)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="assess")
+def main(cfg: DictConfig) -> None:
+    from phi4_pron.assessment import run_assessment
+
+    run_assessment(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,202 @@
+"""Generate answers for a split, score them with the paper's metrics, and write the results.
+
+An utterance whose audio cannot be decoded or whose generation fails is recorded with its error and
+counted; it never stops the evaluation. An answer that cannot be parsed is counted too, and enters the
+metrics as the empty answer: left out of PCC, an empty transcript / phone string for WER and PER (all
+deletions), every canonical phone "mispronounced" for MDD.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from phi4_pron.answer import SCORE_KEYS, canonical_phones, mispronounced_flags, parse_answer, pronounced_phones
+from phi4_pron.inference import batches, generate_answers
+from phi4_pron.io import write_json_atomic, write_text_atomic
+from phi4_pron.metrics import detected_mispronunciations, mdd_scores, pcc, per, wer
+
+log = logging.getLogger(__name__)
+
+# Ahn & Nam (arXiv 2509.02915), Table 3, LoRA-only fine-tuning, epoch 3.
+PAPER_ROW = {
+    "pcc_accuracy": 0.656,
+    "pcc_fluency": 0.727,
+    "pcc_prosodic": 0.711,
+    "pcc_total": 0.675,
+    "wer": 0.140,
+    "per": 0.114,
+    "mdd_f1": 0.724,
+}
+
+
+def reference(row: dict[str, Any]) -> dict[str, Any]:
+    """What an answer is scored against, from one corpus row."""
+    return {
+        **{k: float(row[k]) for k in SCORE_KEYS},
+        "text": row["text"],
+        "phones": " ".join(pronounced_phones(row["words"])),
+        "canonical": canonical_phones(row["words"]),
+        "mispronounced": mispronounced_flags(row["words"]),
+    }
+
+
+def generate_records(
+    model, tokenizer, feature_extractor, dataset, batch_size: int, max_new_tokens: int, progress: bool = True
+) -> list[dict[str, Any]]:
+    """One record per row: id, raw answer, parsed answer (None if unparseable), reference, error."""
+    records = []
+    bar = tqdm(total=len(dataset), desc="evaluating", unit="utt", disable=not progress)
+    for rows in batches(dataset, batch_size):
+        try:
+            answers: list[str | Exception] = generate_answers(model, tokenizer, feature_extractor, rows, max_new_tokens)
+        except Exception:  # find the culprit(s): retry one by one
+            answers = []
+            for row in rows:
+                try:
+                    answers += generate_answers(model, tokenizer, feature_extractor, [row], max_new_tokens)
+                except Exception as e:
+                    log.warning("utterance %s failed: %s", row["id"], e)
+                    answers.append(e)
+        for row, answer in zip(rows, answers, strict=True):
+            failed = isinstance(answer, Exception)
+            records.append(
+                {
+                    "id": row["id"],
+                    "raw": None if failed else answer,
+                    "parsed": None if failed else parse_answer(answer),
+                    "error": f"{type(answer).__name__}: {answer}" if failed else None,
+                    "reference": reference(row),
+                }
+            )
+        bar.update(len(rows))
+    bar.close()
+    return records
+
+
+def reparse(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Parse saved raw answers again (re-scoring needs no model)."""
+    return [{**r, "parsed": None if r.get("raw") is None else parse_answer(r["raw"])} for r in records]
+
+
+def score(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The paper's metrics over a list of records, with the failure counts."""
+    answered = [r for r in records if r.get("error") is None]
+    metrics: dict[str, Any] = {
+        "n_utterances": len(records),
+        "n_failed": len(records) - len(answered),
+        "n_unparseable": sum(r["parsed"] is None for r in answered),
+    }
+    parsed = [(r["parsed"] or {}, r["reference"]) for r in answered]
+    for k in SCORE_KEYS:
+        pairs = [(p[k], ref[k]) for p, ref in parsed if k in p]
+        metrics[f"pcc_{k}"] = pcc([a for a, _ in pairs], [b for _, b in pairs])
+        metrics[f"n_{k}"] = len(pairs)
+    metrics["wer"] = wer([ref["text"] for _, ref in parsed], [p.get("transcript", "") for p, _ in parsed])
+    metrics["per"] = per([ref["phones"] for _, ref in parsed], [p.get("phones", "") for p, _ in parsed])
+    mdd = mdd_scores(
+        [ref["mispronounced"] for _, ref in parsed],
+        [detected_mispronunciations(ref["canonical"], p.get("phones", "")) for p, ref in parsed],
+    )
+    metrics.update({f"mdd_{k}": v for k, v in mdd.items()})
+    return metrics
+
+
+def scatter_plots(records: list[dict[str, Any]], out_dir: Path) -> dict[str, Path]:
+    """Predicted vs human score, one PNG per aspect."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = {}
+    for k in SCORE_KEYS:
+        pairs = [(r["reference"][k], r["parsed"][k]) for r in records if r.get("parsed") and k in r["parsed"]]
+        fig, ax = plt.subplots(figsize=(4, 4), dpi=100)
+        if pairs:
+            ax.scatter(*zip(*pairs, strict=True), s=10, alpha=0.5)
+        ax.plot([0, 10], [0, 10], color="grey", lw=0.8)
+        r = pcc([p for _, p in pairs], [h for h, _ in pairs])
+        ax.set(
+            xlim=(-0.5, 10.5),
+            ylim=(-0.5, 10.5),
+            xlabel=f"human {k}",
+            ylabel=f"predicted {k}",
+            title=f"{k}: PCC {'n/a' if math.isnan(r) else f'{r:.3f}'} (n={len(pairs)})",
+        )
+        fig.tight_layout()
+        tmp = out_dir / f".scatter_{k}.png.tmp"
+        fig.savefig(tmp, format="png")
+        plt.close(fig)
+        paths[k] = tmp.replace(out_dir / f"scatter_{k}.png")
+    return paths
+
+
+def write_results(
+    out_dir: Path, records: list[dict[str, Any]], metrics: dict[str, Any], info: dict[str, Any] | None = None
+) -> dict[str, Path]:
+    """``predictions.jsonl``, ``metrics.json`` and the scatter plots, each written atomically."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out_dir / "predictions.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    write_json_atomic(out_dir / "metrics.json", {**(info or {}), **metrics})
+    return scatter_plots(records, out_dir)
+
+
+def evaluate_model(
+    model,
+    tokenizer,
+    feature_extractor,
+    dataset,
+    out_dir: Path,
+    batch_size: int,
+    max_new_tokens: int,
+    info: dict[str, Any] | None = None,
+) -> tuple[dict[str, Any], dict[str, Path]]:
+    """Generate, score and write one evaluation; returns the metrics and the plot files."""
+    was_training = model.training
+    model.eval()
+    try:
+        records = generate_records(model, tokenizer, feature_extractor, dataset, batch_size, max_new_tokens)
+    finally:
+        model.train(was_training)
+    metrics = score(records)
+    plots = write_results(out_dir, records, metrics, info)
+    log.info("%s: %s", out_dir, {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})
+    return metrics, plots
+
+
+HEADLINE = [
+    "pcc_accuracy",
+    "pcc_fluency",
+    "pcc_prosodic",
+    "pcc_total",
+    "wer",
+    "per",
+    "mdd_precision",
+    "mdd_recall",
+    "mdd_f1",
+    "n_failed",
+    "n_unparseable",
+]
+
+
+def read_predictions(path: Path) -> list[dict[str, Any]]:
+    records = []
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n} is not a JSON line ({e}).") from e
+    missing = [n for n, r in enumerate(records, 1) if "raw" not in r or "reference" not in r]
+    if missing:
+        raise ValueError(
+            f"{path}: lines {missing[:5]} lack 'raw' or 'reference'; give a predictions.jsonl "
+            "written by phi4_pron.evaluate."
+        )
+    return records

@@ -1,0 +1,135 @@
+"""``phi4_pron.evaluate`` and ``phi4_pron.assess`` end to end on the tiny model and the bundled corpus."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from conftest import MINI, run_cli
+
+
+@pytest.fixture(scope="module")
+def run_dir(smoke_runs):
+    return smoke_runs("r64")
+
+
+def test_evaluate_writes_every_file_and_the_table(run_dir):
+    run_cli(["-m", "phi4_pron.evaluate", f"run_dir={run_dir}", "eval.limit=5", "eval.max_new_tokens=12"])
+    out = run_dir / "eval" / "final_model"
+    metrics = json.loads((out / "metrics.json").read_text())  # strict JSON: NaN written as null
+    assert metrics["n_utterances"] == 5 and metrics["checkpoint"] == "final_model"
+    records = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(records) == 5 and {"id", "raw", "parsed", "reference", "error"} <= set(records[0])
+    for aspect in ("accuracy", "fluency", "prosodic", "total"):
+        assert (out / f"scatter_{aspect}.png").read_bytes()[:4] == b"\x89PNG"
+    table = (run_dir / "table3.md").read_text()
+    assert "paper (Ahn & Nam, LoRA only)" in table and "| final_model |" in table and "checkpoint-epoch-3" in table
+    assert (run_dir / "table3.csv").read_text().startswith("run,checkpoint,epoch")
+
+
+def test_rescoring_saved_predictions_needs_no_model(tmp_path):
+    ref = {
+        "accuracy": 8,
+        "fluency": 8,
+        "prosodic": 8,
+        "total": 8,
+        "text": "WE CALL",
+        "phones": "W IY K AO L",
+        "canonical": ["W", "IY1", "K", "AO1", "L"],
+        "mispronounced": [False] * 5,
+    }
+    answers = ['{"accuracy": 8, "fluency": 7, "transcript": "WE CALL", "phones": "W IY K AO L",}', "garbage"]
+    lines = [json.dumps({"id": str(i), "raw": a, "parsed": None, "reference": ref}) for i, a in enumerate(answers)]
+    (tmp_path / "predictions.jsonl").write_text("\n".join(lines) + "\n")
+    run_cli(["-m", "phi4_pron.evaluate", f"predictions={tmp_path / 'predictions.jsonl'}"])
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["n_unparseable"] == 1 and metrics["n_accuracy"] == 1 and metrics["pcc_accuracy"] is None
+    assert metrics["wer"] == pytest.approx(2 / 4)
+
+
+def test_a_broken_recording_is_counted_not_fatal(run_dir, tmp_path):
+    corpus = tmp_path / "corpus"
+    shutil.copytree(MINI, corpus)
+    utt, rel = (corpus / "test" / "wav.scp").read_text().splitlines()[1].split()
+    (corpus / rel).write_bytes(b"RIFF garbage")
+    run_cli(
+        [
+            "-m",
+            "phi4_pron.evaluate",
+            f"run_dir={run_dir}",
+            "data=mini",
+            f"data.path={corpus}",
+            "eval.limit=4",
+            "eval.max_new_tokens=8",
+            "checkpoint=checkpoint-epoch-1",
+            f"out_dir={tmp_path / 'ev'}",  # leave the run's own per-epoch results alone
+        ]
+    )
+    out = tmp_path / "ev"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n_utterances"] == 4 and metrics["n_failed"] == 1
+    failed = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines() if '"error": "' in x]
+    assert failed[0]["id"] == utt and "cannot decode" in failed[0]["error"]
+
+
+def test_evaluate_names_a_missing_checkpoint(run_dir):
+    proc = run_cli(["-m", "phi4_pron.evaluate", f"run_dir={run_dir}", "checkpoint=checkpoint-epoch-9"], check=False)
+    assert proc.returncode != 0 and "checkpoint-epoch-9 holds no adapter" in proc.stderr
+
+
+def test_assess_one_recording_and_a_folder(run_dir, tmp_path):
+    wav = next((MINI / "WAVE").rglob("*.WAV"))
+    proc = run_cli(
+        [
+            "-m",
+            "phi4_pron.assess",
+            f"model_path={run_dir / 'final_model'}",
+            f"audio={wav}",
+            "text=WE CALL IT BEAR",
+            "max_new_tokens=8",
+        ]
+    )
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["audio"] == str(wav) and "assessment" in result and isinstance(result["raw"], str)
+
+    folder = tmp_path / "recordings"
+    folder.mkdir()
+    for name in ("a.wav", "b.wav"):
+        shutil.copy(wav, folder / name)
+    (tmp_path / "texts.tsv").write_text("a.wav\tWE CALL IT BEAR\nb.wav\tBOB LIVES IN CAIRO NOW\n")
+    run_cli(
+        [
+            "-m",
+            "phi4_pron.assess",
+            f"model_path={run_dir / 'final_model'}",
+            f"audio_dir={folder}",
+            f"texts={tmp_path / 'texts.tsv'}",
+            f"out={tmp_path / 'scores.jsonl'}",
+            "max_new_tokens=8",
+        ]
+    )
+    assert len((tmp_path / "scores.jsonl").read_text().splitlines()) == 2
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["audio=/nowhere/x.wav", "text=HELLO"], "audio file /nowhere/x.wav does not exist"),
+        (["audio={wav}", "text= "], "empty text for"),
+        (["audio={bad}", "text=HELLO"], "cannot read the audio"),
+    ],
+)
+def test_assess_errors_are_clear(run_dir, tmp_path, args, message):
+    wav = next((MINI / "WAVE").rglob("*.WAV"))
+    bad = tmp_path / "bad.wav"
+    bad.write_bytes(b"not audio")
+    args = [a.format(wav=wav, bad=bad) for a in args]
+    proc = run_cli(["-m", "phi4_pron.assess", f"model_path={run_dir / 'final_model'}", *args], check=False)
+    assert proc.returncode != 0 and message in proc.stderr
+
+
+def test_assess_refuses_a_folder_without_adapter(tmp_path):
+    wav = next((MINI / "WAVE").rglob("*.WAV"))
+    proc = run_cli(["-m", "phi4_pron.assess", f"model_path={tmp_path}", f"audio={wav}", "text=HELLO"], check=False)
+    assert proc.returncode != 0 and "has no adapter_config.json" in proc.stderr
