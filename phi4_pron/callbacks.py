@@ -68,7 +68,7 @@ class EpochEvalCallback(TrainerCallback):
         if not state.is_world_process_zero:
             return
         from phi4_pron.evaluation import HEADLINE, evaluate_model
-        from phi4_pron.tracking import log_plots
+        from phi4_pron.tracking import log_plots, summarize
 
         epoch = math.ceil(state.epoch - 1e-6)
         name = f"checkpoint-epoch-{epoch}"
@@ -84,3 +84,4 @@ class EpochEvalCallback(TrainerCallback):
         )
         self.trainer.log({f"eval/{k}": metrics[k] for k in HEADLINE})
         log_plots(plots, state.global_step, self.tb_writer)
+        summarize({"epoch": epoch, **{f"table3/{k}": metrics[k] for k in HEADLINE}})

@@ -175,6 +175,10 @@ def register_configs() -> None:
     """Register the schema and the ``repo_root`` resolver; safe to call more than once."""
     if not OmegaConf.has_resolver("repo_root"):
         OmegaConf.register_new_resolver("repo_root", lambda: str(REPO_ROOT))
+    if not OmegaConf.has_resolver("job_dirname"):
+        from phi4_pron.sweep import job_dirname
+
+        OmegaConf.register_new_resolver("job_dirname", job_dirname)
     if not OmegaConf.has_resolver("eval_out_dir"):
         OmegaConf.register_new_resolver("eval_out_dir", _eval_out_dir)
     cs = ConfigStore.instance()

@@ -24,7 +24,10 @@ def tensorboard_callback(cfg: DictConfig, run_dir: Path):
 
 
 def start_wandb(cfg: DictConfig, run_dir: Path, job_type: str, name: str, group: str | None = None) -> Any:
-    """Start this job's W&B run before the Trainer does, so it carries the whole resolved config."""
+    """Start this job's W&B run before the Trainer does, so it carries the whole resolved config.
+
+    Group: ``logger.wandb.group`` if set, else the sweep (all jobs of one ``-m`` run), else the experiment.
+    """
     if not cfg.logger.wandb.enabled:
         return None
     import wandb
@@ -67,3 +70,13 @@ def log_plots(plots: dict[str, Path], step: int, tb_writer=None) -> None:
         return
     if wandb.run is not None:
         wandb.log({**{f"eval/scatter_{a}": wandb.Image(str(p)) for a, p in plots.items()}, "train/global_step": step})
+
+
+def summarize(values: dict[str, Any]) -> None:
+    """Put values in the active W&B run's summary (the newest epoch's Table 3 row ends up there)."""
+    try:
+        import wandb
+    except ImportError:
+        return
+    if wandb.run is not None:
+        wandb.run.summary.update(values)

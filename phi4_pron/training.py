@@ -37,6 +37,7 @@ from phi4_pron.modeling import (
     resolve_model_path,
     vision_lora_summary,
 )
+from phi4_pron.sweep import wandb_identity
 from phi4_pron.tracking import finish_wandb, report_to, start_wandb, tensorboard_callback
 
 log = logging.getLogger(__name__)
@@ -153,7 +154,8 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
 
     collator = PronunciationCollator(tokenizer, feature_extractor, max_length=cfg.model.max_length)
     tb = tensorboard_callback(cfg, run_dir)
-    wandb_run = start_wandb(cfg, run_dir, job_type="train", name=cfg.run_name)
+    wandb_name, wandb_group = wandb_identity(cfg.run_name)
+    wandb_run = start_wandb(cfg, run_dir, job_type="train", name=wandb_name, group=wandb_group)
     trainer = SFTTrainer(
         model=model,
         args=args,

@@ -1,0 +1,161 @@
+"""Sweeps through the real entrypoint, W&B grouping, resuming an interrupted run, and a failing sweep job."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import REPO, run_cli
+
+
+@pytest.fixture(scope="module")
+def sweep_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sweep") / "s"
+    run_cli(["-m", "phi4_pron.train", "experiment=smoke_table3", f"hydra.sweep.dir={out}"])
+    return out
+
+
+def test_sweep_runs_both_lora_configs_into_complete_job_folders(sweep_dir):
+    settings = {}
+    for job in ("pretrained_r320", "paper_r64"):
+        tc = json.loads((sweep_dir / job / "training_config.json").read_text())
+        settings[job] = (tc["speech_lora"]["r"], tc["speech_lora"]["alpha"], tc["speech_lora"]["dropout"])
+        assert (sweep_dir / job / "final_model" / "adapter_model.safetensors").exists()
+        assert (sweep_dir / job / "checkpoint-epoch-3").is_dir()
+    assert settings == {"pretrained_r320": (320, 640, 0.01), "paper_r64": (64, 128, 0.05)}
+    summary = json.loads((sweep_dir / "sweep_summary.json").read_text())
+    assert [j["status"] for j in summary["jobs"]] == ["completed", "completed"] and summary["failed"] == []
+
+
+def test_sweep_has_one_wandb_group_and_a_table3(sweep_dir):
+    group = f"sweep-{sweep_dir.parent.name}-{sweep_dir.name}"
+    runs = sorted(sweep_dir.glob("*/wandb/offline-run-*/run-*.wandb"))
+    assert len(runs) == 2
+    for run in runs:  # the group and the job's name are in W&B's own run record
+        data = run.read_bytes()
+        assert group.encode() in data and run.parents[2].name.encode() in data
+    table = (sweep_dir / "table3.md").read_text()
+    assert table.count("checkpoint-epoch-") == 6 and "pretrained_r320" in table and "paper_r64" in table
+
+
+def test_other_swept_values_name_the_job_folder(tmp_path):
+    out = tmp_path / "s"
+    run_cli(
+        [
+            "-m",
+            "phi4_pron.train",
+            "-m",
+            "experiment=smoke",
+            "lora=r64",
+            "optim.lr=1e-3,3e-3",
+            "optim.max_steps=2",
+            "eval.every_epoch=false",
+            "logger=none",
+            f"hydra.sweep.dir={out}",
+        ]
+    )
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == [
+        "paper_r64,optim.lr=0.001",
+        "paper_r64,optim.lr=0.003",
+    ]
+
+
+def test_a_failing_job_is_reported_and_the_others_finish(tmp_path):
+    out = tmp_path / "s"
+    proc = run_cli(
+        [
+            "-m",
+            "phi4_pron.train",
+            "-m",
+            "experiment=smoke",
+            "lora=r64",
+            "optim.max_steps=2",
+            "eval.every_epoch=false",
+            "logger=none",
+            f"data.path=/does/not/exist,{REPO / 'data/speechocean762-mini'}",
+            f"hydra.sweep.dir={out}",
+        ],
+        check=False,
+    )
+    assert proc.returncode != 0  # Hydra re-raises the failure once the sweep is over
+    summary = json.loads((out / "sweep_summary.json").read_text())
+    assert [j["status"] for j in summary["jobs"]] == ["failed", "completed"] and summary["failed"] == [0]
+    assert "DataError" in summary["jobs"][0]["error"]
+    assert (out / summary["jobs"][1]["run_dir"] / "final_model" / "adapter_model.safetensors").exists()
+    assert "sweep job #0" in proc.stderr + proc.stdout
+
+
+def test_killed_run_resumes_to_the_same_end(tmp_path):
+    out = tmp_path / "out"
+    args = [
+        sys.executable,
+        "-m",
+        "phi4_pron.train",
+        "experiment=smoke",
+        "lora=r64",
+        "eval.every_epoch=false",
+        "logger=tensorboard",
+        f"output_root={out}",
+    ]
+    run_dir = out / "paper_r64"
+    proc = subprocess.Popen(
+        args,
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    deadline = time.time() + 300
+    while not (run_dir / "checkpoint-epoch-1" / "trainer_state.json").exists():
+        assert proc.poll() is None and time.time() < deadline, "run ended before its first checkpoint"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run_dir / "final_model").exists() and not (run_dir / "checkpoint-epoch-3").exists()
+
+    run_cli(args[1:] + ["resume=true"])
+    state = json.loads((run_dir / "checkpoint-epoch-3" / "trainer_state.json").read_text())
+    assert state["global_step"] == 24 and round(state["epoch"]) == 3
+    logged_steps = [h["step"] for h in state["log_history"] if "loss" in h]
+    assert logged_steps[-1] == 24
+    assert (run_dir / "final_model" / "adapter_model.safetensors").exists()
+
+
+def test_resume_true_without_checkpoint_is_refused(tmp_path):
+    proc = run_cli(
+        ["-m", "phi4_pron.train", "experiment=smoke", "logger=none", "resume=true", f"output_root={tmp_path}"],
+        check=False,
+    )
+    assert proc.returncode != 0 and "has no checkpoint-* folder to resume from" in proc.stderr
+
+
+def test_a_finished_job_releases_its_model(tmp_path):
+    """Nothing of a job's model survives it in the process, so the next sweep job starts clean."""
+    code = f"""
+import gc, sys
+from hydra.core.hydra_config import HydraConfig
+from hydra import compose, initialize_config_dir
+from omegaconf import open_dict
+import phi4_pron.config
+from phi4_pron.training import run_training
+from peft import PeftModel
+with initialize_config_dir(config_dir="{REPO / "conf"}", version_base="1.3"):
+    cfg = compose("train", overrides=["experiment=smoke", "optim.max_steps=2", "eval.every_epoch=false",
+                                      "logger=none", "hydra.run.dir={tmp_path}"], return_hydra_config=True)
+with open_dict(cfg):
+    cfg.hydra.runtime.output_dir = "{tmp_path}"
+HydraConfig.instance().set_config(cfg)
+with open_dict(cfg):
+    del cfg["hydra"]
+run_training(cfg)
+gc.collect()
+alive = [o for o in gc.get_objects() if isinstance(o, PeftModel)]
+print("ALIVE", len(alive))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert "ALIVE 0" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-3000:]
