@@ -10,6 +10,8 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from phi4_pron.dist import barrier
+
 
 class EpochCheckpointCallback(TrainerCallback):
     """Renames the Trainer's ``checkpoint-<step>`` to ``checkpoint-epoch-<N>`` right after it is saved.
@@ -19,6 +21,7 @@ class EpochCheckpointCallback(TrainerCallback):
     """
 
     def on_save(self, args, state, control, **kwargs):
+        barrier()  # every rank has written its part (its RNG state) before the folder moves
         if not state.is_world_process_zero:
             return
         src = Path(args.output_dir) / f"checkpoint-{state.global_step}"

@@ -8,6 +8,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from phi4_pron.dist import is_main_process
+
 
 def report_to(cfg: DictConfig) -> list[str]:
     """The Trainer integrations to switch on (TensorBoard gets its own callback, writing to ``logs/``)."""
@@ -15,7 +17,7 @@ def report_to(cfg: DictConfig) -> list[str]:
 
 
 def tensorboard_callback(cfg: DictConfig, run_dir: Path):
-    if not cfg.logger.tensorboard:
+    if not cfg.logger.tensorboard or not is_main_process():
         return None
     from torch.utils.tensorboard import SummaryWriter
     from transformers.integrations import TensorBoardCallback
@@ -28,7 +30,7 @@ def start_wandb(cfg: DictConfig, run_dir: Path, job_type: str, name: str, group:
 
     Group: ``logger.wandb.group`` if set, else the sweep (all jobs of one ``-m`` run), else the experiment.
     """
-    if not cfg.logger.wandb.enabled:
+    if not cfg.logger.wandb.enabled or not is_main_process():
         return None
     import wandb
 

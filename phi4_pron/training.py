@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import set_seed
 from trl import SFTConfig, SFTTrainer
 
-from phi4_pron import __version__
+from phi4_pron import __version__, dist
 from phi4_pron.callbacks import EpochCheckpointCallback, EpochEvalCallback, latest_checkpoint
 from phi4_pron.collator import PronunciationCollator
 from phi4_pron.config import LoraInit
@@ -104,7 +103,7 @@ def sft_config(cfg: DictConfig, run_dir: Path, world_size: int) -> SFTConfig:
 def run_training(cfg: DictConfig) -> dict[str, Any]:
     """Train one configuration; returns the final training metrics."""
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = dist.world_size()
     set_seed(cfg.seed)
 
     model_path = resolve_model_path(cfg.model)
