@@ -18,6 +18,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from datasets import Audio, Dataset, DatasetDict, load_dataset, load_from_disk
 
 SAMPLING_RATE = 16_000  # Phi-4-multimodal's feature extractor expects 16 kHz
@@ -166,7 +167,12 @@ def _audio_name(audio: Any) -> str:
 
 
 def decode_audio(audio: Any, utt_id: str = "?"):
-    """An ``audio`` cell (path, or ``{"bytes", "path"}``) as a 1-D float32 numpy array at 16 kHz mono."""
+    """An ``audio`` cell (path, or ``{"bytes", "path"}``) as a 1-D float32 numpy array at 16 kHz mono.
+
+    A numpy array (or a list of floats, as ``datasets`` returns one) is taken as decoded 16 kHz mono samples.
+    """
+    if isinstance(audio, (np.ndarray, list)):
+        return np.asarray(audio, dtype=np.float32)
     try:
         return _decoder(audio).get_all_samples().data[0].numpy()
     except Exception as e:  # torchcodec raises RuntimeError/ValueError with FFmpeg's words

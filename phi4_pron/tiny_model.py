@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -35,8 +36,8 @@ def _training_text(corpus_dir: Path | None) -> list[str]:
     return lines
 
 
-def build_tokenizer(corpus_dir: Path | None = None):
-    """A byte-level BPE tokenizer (~320 tokens) with Phi-4's chat and modality special tokens."""
+def build_tokenizer(corpus_dir: Path | None = None, vocab_size: int = 320, extra_text: Sequence[str] = ()):
+    """A byte-level BPE tokenizer (``vocab_size`` tokens) with Phi-4's chat and modality special tokens."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -44,12 +45,12 @@ def build_tokenizer(corpus_dir: Path | None = None):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=320,
+        vocab_size=vocab_size,
         special_tokens=SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_training_text(corpus_dir), trainer=trainer)
+    tok.train_from_iterator([*_training_text(corpus_dir), *extra_text], trainer=trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token="<|endoftext|>",

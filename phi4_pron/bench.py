@@ -1,0 +1,520 @@
+"""Speed and memory of the framework's own training and evaluation code on the full-size model.
+
+    python -m phi4_pron.bench train  [--out experiments/benchmarks]   # s/step, s/epoch, TFLOP/s, peak GiB
+    python -m phi4_pron.bench memory [--out ...]                      # every hardware preset x LoRA config
+    python -m phi4_pron.bench eval   [--out ...]                      # seconds to answer the 2500 test utterances
+    python -m phi4_pron.bench train --tiny                            # the same code on the tiny model (CPU check)
+
+No download: the full-size Phi4Multimodal is built from the checkpoint's config values with random weights
+(speed does not depend on weight values). Prompts and answers are real: the bundled corpus's texts and
+annotations through ``phi4_pron.answer``; audio is noise of the train split's duration distribution (mean
+4.1 s). Tokens come from a 4096-token byte-level BPE trained on the same texts (the real tokenizer is not
+available offline), so the token counts per sample are printed with every result. Training runs through
+``sft_config`` + TRL's SFTTrainer + the collator; evaluation through ``evaluation.generate_records`` + ``score``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from phi4_pron.config import REPO_ROOT
+
+MINI = REPO_ROOT / "data" / "speechocean762-mini"
+EPOCH_UTTERANCES = 2500  # speechocean762 train (and test) split size
+CARD_GIB = {"a100": 80.0, "a6000": 48.0, "2x4090": 24.0, "h100": 79.6}  # memory of one card
+LORA_TARGETS = r".*model\.layers\.\d+\.(self_attn\.(qkv_proj|o_proj)|mlp\.(gate_up_proj|down_proj))"
+# Phi-4-multimodal-instruct's config.json values where they differ from Phi4MultimodalConfig's defaults.
+REAL_CONFIG = {
+    "num_attention_heads": 24,
+    "num_key_value_heads": 8,
+    "tie_word_embeddings": True,
+    "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.75},
+}
+
+
+def versions() -> dict[str, str]:
+    import peft
+    import transformers
+    import trl
+
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
+    return {
+        "gpu": gpu,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "trl": trl.__version__,
+        "cuda": str(torch.version.cuda),
+    }
+
+
+def bench_tokenizer(tiny: bool):
+    """Tiny: the tiny model's tokenizer. Full size: 4096 BPE tokens learnt from the corpus's prompts and answers."""
+    from phi4_pron.answer import prompt_text, target_answer
+    from phi4_pron.data import load_split
+    from phi4_pron.tiny_model import build_tokenizer
+
+    if tiny:
+        return build_tokenizer(MINI)
+    rows = load_split(str(MINI), "train").remove_columns("audio").to_list()
+    text = [prompt_text(r["text"]) for r in rows] + [target_answer(r) for r in rows]
+    return build_tokenizer(MINI, vocab_size=4096, extra_text=text * 20)
+
+
+def build_model(tokenizer, tiny: bool, attn: str):
+    """A random-weight Phi4MultimodalForCausalLM: the real sizes, or the tiny test sizes."""
+    from transformers import Phi4MultimodalConfig, Phi4MultimodalForCausalLM
+
+    from phi4_pron.tiny_model import build_config
+
+    if tiny:
+        config = build_config(tokenizer)
+    else:
+        audio_id = tokenizer.convert_tokens_to_ids("<|audio|>")
+        config = Phi4MultimodalConfig(
+            **REAL_CONFIG,
+            audio_config={"audio_token_id": audio_id},
+            vision_config={"image_token_id": tokenizer.convert_tokens_to_ids("<|image|>")},
+        )
+    config._attn_implementation = attn
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = Phi4MultimodalForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.to(device)
+
+
+def synthetic_rows(n: int, seed: int, seconds: float | None = None) -> list[dict[str, Any]]:
+    """Corpus texts and annotations (real) with noise audio: 4.1 s mean (gamma) or exactly ``seconds``."""
+    from phi4_pron.data import load_split
+
+    rng = np.random.default_rng(seed)
+    corpus = load_split(str(MINI), "train").remove_columns("audio").to_list()
+    rows = []
+    for i in range(n):
+        row = dict(corpus[i % len(corpus)])
+        dur = seconds if seconds else float(np.clip(rng.gamma(shape=8.0, scale=4.1 / 8.0), 1.0, 20.0))
+        row["audio"] = (rng.standard_normal(int(dur * 16000)) * 0.05).astype(np.float32)
+        row["id"] = f"bench-{i:05d}"
+        rows.append(row)
+    return rows
+
+
+def lm_params(model) -> int:
+    """Parameters of the language model that take part in each token's FLOPs (decoder layers + LM head)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    n = sum(p.numel() for name, p in base.named_parameters() if ".layers." in name and "embed" not in name)
+    return n + base.lm_head.weight.numel()
+
+
+class StepTimer:
+    """Trainer callback: wall time of each optimizer step (CUDA-synchronised)."""
+
+    def __init__(self):
+        from transformers import TrainerCallback
+
+        timer = self
+
+        class _CB(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kw):
+                _sync()
+                timer.t0 = time.perf_counter()
+
+            def on_step_end(self, args, state, control, **kw):
+                _sync()
+                timer.steps.append(time.perf_counter() - timer.t0)
+
+        self.steps: list[float] = []
+        self.callback = _CB()
+
+
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _free():
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def run_training_setting(
+    setting: dict[str, Any],
+    tokenizer,
+    feature_extractor,
+    tiny: bool,
+    steps: int,
+    warmup: int,
+    seconds: float | None = None,
+) -> dict[str, Any]:
+    """Train ``warmup + steps`` optimizer steps (no accumulation) with the framework's trainer and collator."""
+    from datasets import Dataset
+    from omegaconf import OmegaConf
+    from trl import SFTTrainer
+
+    from phi4_pron.collator import PronunciationCollator
+    from phi4_pron.modeling import attach_speech_lora
+    from phi4_pron.training import sft_config
+
+    cfg = OmegaConf.create(
+        {
+            "run_name": "bench",
+            "seed": 0,
+            "optim": {
+                "epochs": 1,
+                "max_steps": warmup + steps,
+                "lr": 2e-5,
+                "optimizer": "adamw_torch",
+                "weight_decay": 0.0,
+                "warmup_ratio": 0.0,
+                "lr_scheduler": "linear",
+                "max_grad_norm": 1.0,
+                "effective_batch_size": setting["batch"],
+            },
+            "hardware": {
+                "per_device_train_batch_size": setting["batch"],
+                "bf16": torch.cuda.is_available(),
+                "num_gpus": int(torch.cuda.is_available()),
+                "gradient_checkpointing": setting["checkpointing"],
+                "dataloader_num_workers": 4 if torch.cuda.is_available() else 0,
+            },
+            "logger": {"logging_steps": 1000, "wandb": {"enabled": False}},
+        }
+    )
+    _free()
+    model = build_model(tokenizer, tiny, setting["attn"])
+    lora = OmegaConf.create(
+        {
+            "init": "fresh",
+            "r": setting["r"],
+            "alpha": 2 * setting["r"],
+            "dropout": setting.get("dropout", 0.05),
+            "target_modules": r".*model\.layers\.\d+\.(self_attn\.(qkv_proj|o_proj)|mlp\.(gate_up_proj|down_proj))",
+        }
+    )
+    model = attach_speech_lora(model, lora, path="")
+    rows = synthetic_rows(setting["batch"] * (warmup + steps), seed=1, seconds=seconds)
+    collator = PronunciationCollator(tokenizer, feature_extractor)
+    sample = collator(rows[: setting["batch"]])
+    n_audio = float(sample["audio_embed_sizes"].float().mean())
+    n_tokens = float(sample["attention_mask"].sum(1).float().mean())
+    n_answer = float((sample["labels"] != -100).sum(1).float().mean())
+    with tempfile.TemporaryDirectory() as tmp:
+        args = sft_config(cfg, Path(tmp), 1)
+        args.save_strategy = "no"
+        args.report_to = []
+        timer = StepTimer()
+        trainer = SFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=Dataset.from_list(rows),
+            data_collator=collator,
+            processing_class=tokenizer,
+            callbacks=[timer.callback],
+        )
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        trainer.train()
+    step_s = statistics.median(timer.steps[warmup:]) if len(timer.steps) > warmup else math.nan
+    tokens_per_step = n_tokens * setting["batch"]
+    result = {
+        **setting,
+        "s_per_step": step_s,
+        "samples_per_s": setting["batch"] / step_s,
+        "epoch_s": EPOCH_UTTERANCES / setting["batch"] * step_s,
+        "tflops": 4 * lm_params(model) * tokens_per_step / step_s / 1e12,
+        "peak_gib": torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available() else math.nan,
+        "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else math.nan,
+        "tokens_per_sample": round(n_tokens, 1),
+        "audio_tokens": round(n_audio, 1),
+        "answer_tokens": round(n_answer, 1),
+        "trainable_params": model.get_nb_trainable_parameters()[0],
+    }
+    del trainer, model
+    _free()
+    return result
+
+
+TRAIN_SETTINGS = [
+    {
+        "setting": "original recipe: eager + checkpointing, batch 8",
+        "lora": "r320",
+        "r": 320,
+        "attn": "eager",
+        "checkpointing": True,
+        "batch": 8,
+        "dropout": 0.01,
+    },
+    {
+        "setting": "original recipe: eager + checkpointing, batch 8",
+        "lora": "r64",
+        "r": 64,
+        "attn": "eager",
+        "checkpointing": True,
+        "batch": 8,
+    },
+    {
+        "setting": "sdpa, no checkpointing, batch 8",
+        "lora": "r64",
+        "r": 64,
+        "attn": "sdpa",
+        "checkpointing": False,
+        "batch": 8,
+    },
+    {
+        "setting": "sdpa, no checkpointing, batch 32",
+        "lora": "r64",
+        "r": 64,
+        "attn": "sdpa",
+        "checkpointing": False,
+        "batch": 32,
+    },
+    {
+        "setting": "sdpa, no checkpointing, batch 32",
+        "lora": "r320",
+        "r": 320,
+        "attn": "sdpa",
+        "checkpointing": False,
+        "batch": 32,
+        "dropout": 0.01,
+    },
+]
+
+
+# Fallbacks measured beside each preset, so a preset that does not fit can be changed to a measured one.
+CANDIDATES = {
+    "a100": [(16, False)],
+    "h100": [(16, False)],
+    "a6000": [(16, True), (8, False)],
+    "2x4090": [(2, True), (1, True)],
+}
+
+
+def preset_settings(with_candidates: bool = True) -> list[dict[str, Any]]:
+    """Each hardware preset's per-device settings (and fallbacks) x each LoRA config."""
+    import yaml
+
+    out = []
+    for preset in CARD_GIB:
+        hw = yaml.safe_load((REPO_ROOT / "conf" / "hardware" / f"{preset}.yaml").read_text())
+        options = [(hw["per_device_train_batch_size"], hw["gradient_checkpointing"], "preset")]
+        options += [(b, c, "candidate") for b, c in CANDIDATES[preset]] if with_candidates else []
+        for batch, ckpt, kind in options:
+            for lora, r in (("r320", 320), ("r64", 64)):
+                out.append(
+                    {
+                        "setting": f"{kind} {preset}",
+                        "preset": preset,
+                        "lora": lora,
+                        "r": r,
+                        "attn": hw["attn_implementation"],
+                        "checkpointing": ckpt,
+                        "batch": batch,
+                        "dropout": 0.01 if r == 320 else 0.05,
+                    }
+                )
+    return out
+
+
+def run_eval_setting(setting: dict[str, Any], tokenizer, feature_extractor, tiny: bool, n: int) -> dict[str, Any]:
+    """Generate and score ``n`` utterances; the time is scaled to the 2500-utterance test split."""
+    from omegaconf import OmegaConf
+
+    from phi4_pron.evaluation import generate_records, score
+    from phi4_pron.modeling import attach_speech_lora
+
+    _free()
+    model = build_model(tokenizer, tiny, setting["attn"])
+    lora = OmegaConf.create({"init": "fresh", "r": 64, "alpha": 128, "dropout": 0.05, "target_modules": LORA_TARGETS})
+    model = attach_speech_lora(model, lora, path="")  # as evaluation sees a trained r64 run
+    if setting.get("merged"):
+        model = model.merge_and_unload()
+    model.eval()
+    if setting.get("static_cache"):
+        model.generation_config.cache_implementation = "static"
+    rows = synthetic_rows(n, seed=2)
+    warm = generate_records(
+        model,
+        tokenizer,
+        feature_extractor,
+        rows[: setting["batch"]],
+        setting["batch"],
+        setting["max_new_tokens"],
+        progress=False,
+    )  # compile / allocator warm-up
+    _sync()
+    t0 = time.perf_counter()
+    records = generate_records(
+        model, tokenizer, feature_extractor, rows, setting["batch"], setting["max_new_tokens"], progress=False
+    )
+    score(records)
+    _sync()
+    elapsed = time.perf_counter() - t0
+    result = {
+        **setting,
+        "n": n,
+        "seconds": elapsed,
+        "samples_per_s": n / elapsed,
+        "test_eval_s": elapsed * EPOCH_UTTERANCES / n,
+        "failed": sum(r["error"] is not None for r in records) + sum(r["error"] is not None for r in warm),
+        "peak_gib": torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available() else math.nan,
+    }
+    del model
+    _free()
+    return result
+
+
+EVAL_SETTINGS = [
+    {"setting": "generate, LoRA unmerged, batch 8", "attn": "sdpa", "batch": 8, "max_new_tokens": 128, "n": 64},
+    {"setting": "generate, LoRA unmerged, batch 64", "attn": "sdpa", "batch": 64, "max_new_tokens": 128, "n": 256},
+    {"setting": "generate, LoRA unmerged, batch 256", "attn": "sdpa", "batch": 256, "max_new_tokens": 128, "n": 512},
+    {
+        "setting": "generate, LoRA merged, batch 256",
+        "attn": "sdpa",
+        "batch": 256,
+        "max_new_tokens": 128,
+        "n": 512,
+        "merged": True,
+    },
+    {
+        "setting": "generate, LoRA merged, static cache (compiled), batch 256",
+        "attn": "sdpa",
+        "batch": 256,
+        "max_new_tokens": 128,
+        "n": 512,
+        "merged": True,
+        "static_cache": True,
+    },
+]
+
+
+def markdown(results: list[dict[str, Any]], columns: list[str]) -> str:
+    def fmt(v):
+        return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in results]
+    return "\n".join(lines) + "\n"
+
+
+COLUMNS = {
+    "train": [
+        "setting",
+        "lora",
+        "batch",
+        "s_per_step",
+        "epoch_s",
+        "samples_per_s",
+        "tflops",
+        "peak_gib",
+        "tokens_per_sample",
+        "audio_tokens",
+        "answer_tokens",
+    ],
+    "memory": [
+        "setting",
+        "preset",
+        "lora",
+        "batch",
+        "attn",
+        "checkpointing",
+        "peak_gib",
+        "card_gib",
+        "headroom",
+        "fits",
+    ],
+    "eval": [
+        "setting",
+        "batch",
+        "max_new_tokens",
+        "n",
+        "seconds",
+        "samples_per_s",
+        "test_eval_s",
+        "failed",
+        "peak_gib",
+    ],
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    import sys
+
+    from transformers import Phi4MultimodalFeatureExtractor
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("mode", choices=["train", "memory", "eval"])
+    p.add_argument("--tiny", action="store_true", help="tiny model on the CPU: checks the code path, not speed")
+    p.add_argument("--steps", type=int, default=8, help="timed optimizer steps per setting")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--eval-n", type=int, default=512, help="utterances per eval setting without its own n")
+    p.add_argument("--max-seconds", type=float, default=15.0, help="audio length of every sample in memory mode")
+    p.add_argument("--only", type=int, nargs="*", help="indices of the settings to run")
+    p.add_argument("--out", type=Path, help="folder for <mode>.json and <mode>.md")
+    a = p.parse_args(argv)
+
+    tokenizer = bench_tokenizer(a.tiny)
+    fe = Phi4MultimodalFeatureExtractor()
+    settings = {"train": TRAIN_SETTINGS, "memory": preset_settings(), "eval": EVAL_SETTINGS}[a.mode]
+    if a.tiny:  # small shapes: the CPU only checks that every path runs
+        settings = [{**s, "r": min(s.get("r", 8), 8), "batch": 2, "max_new_tokens": 4} for s in settings[:2]]
+    if a.only:
+        settings = [settings[i] for i in a.only]
+    results: list[dict[str, Any]] = []
+    measured: dict[tuple, dict[str, Any]] = {}  # identical settings (a100 and h100 presets) are measured once
+    for s in settings:
+        key = (s.get("lora"), s["batch"], s.get("checkpointing"), s["attn"])
+        try:
+            if a.mode == "eval":
+                r = run_eval_setting(s, tokenizer, fe, a.tiny, n=4 if a.tiny else s.get("n", a.eval_n))
+            elif a.mode == "memory" and key in measured:
+                r = {**measured[key], **s}
+            else:
+                r = measured[key] = run_training_setting(
+                    s,
+                    tokenizer,
+                    fe,
+                    a.tiny,
+                    steps=1 if a.tiny else a.steps,
+                    warmup=1 if a.tiny else a.warmup,
+                    seconds=a.max_seconds if a.mode == "memory" else None,
+                )
+        except torch.cuda.OutOfMemoryError as e:
+            r = {**s, "error": f"out of memory: {str(e)[:160]}", "peak_gib": math.inf}
+            _free()
+        if a.mode == "memory":
+            card = CARD_GIB[s["preset"]]
+            r.update(card_gib=card, headroom=1 - r["peak_gib"] / card, fits=r["peak_gib"] <= 0.9 * card)
+        r.update(versions(), command="python -m phi4_pron.bench " + " ".join(sys.argv[1:] if argv is None else argv))
+        results.append(r)
+        print(json.dumps(r), flush=True)
+    table = markdown(results, COLUMNS[a.mode])
+    print(table)
+    if a.out:
+        from phi4_pron.io import write_json_atomic, write_text_atomic
+
+        write_json_atomic(a.out / f"{a.mode}.json", results)
+        write_text_atomic(a.out / f"{a.mode}.md", table)
+
+
+if __name__ == "__main__":
+    main()
