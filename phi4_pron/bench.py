@@ -190,6 +190,7 @@ def run_training_setting(
                 "max_grad_norm": 1.0,
                 "effective_batch_size": setting["batch"],
             },
+            "data": {"group_by_length": setting.get("group_by_length", False)},
             "hardware": {
                 "per_device_train_batch_size": setting["batch"],
                 "bf16": torch.cuda.is_available(),
@@ -226,7 +227,7 @@ def run_training_setting(
         trainer = SFTTrainer(
             model=model,
             args=args,
-            train_dataset=Dataset.from_list(rows),
+            train_dataset=Dataset.from_list([{**r, "length": len(r["audio"]) // 160} for r in rows]),
             data_collator=collator,
             processing_class=tokenizer,
             callbacks=[timer.callback],
@@ -254,49 +255,28 @@ def run_training_setting(
     return result
 
 
-TRAIN_SETTINGS = [
-    {
-        "setting": "original recipe: eager + checkpointing, batch 8",
-        "lora": "r320",
-        "r": 320,
-        "attn": "eager",
-        "checkpointing": True,
-        "batch": 8,
-        "dropout": 0.01,
-    },
-    {
-        "setting": "original recipe: eager + checkpointing, batch 8",
-        "lora": "r64",
-        "r": 64,
-        "attn": "eager",
-        "checkpointing": True,
-        "batch": 8,
-    },
-    {
-        "setting": "sdpa, no checkpointing, batch 8",
-        "lora": "r64",
-        "r": 64,
-        "attn": "sdpa",
-        "checkpointing": False,
-        "batch": 8,
-    },
-    {
-        "setting": "sdpa, no checkpointing, batch 32",
-        "lora": "r64",
-        "r": 64,
-        "attn": "sdpa",
-        "checkpointing": False,
-        "batch": 32,
-    },
-    {
-        "setting": "sdpa, no checkpointing, batch 32",
-        "lora": "r320",
-        "r": 320,
-        "attn": "sdpa",
-        "checkpointing": False,
-        "batch": 32,
-        "dropout": 0.01,
-    },
+def _train(setting: str, lora: str, attn: str, checkpointing: bool, batch: int, grouped: bool = False) -> dict:
+    r = {"r320": 320, "r64": 64}[lora]
+    return {
+        "setting": setting,
+        "lora": lora,
+        "r": r,
+        "attn": attn,
+        "checkpointing": checkpointing,
+        "batch": batch,
+        "group_by_length": grouped,
+        "dropout": 0.01 if r == 320 else 0.05,
+    }
+
+
+TRAIN_SETTINGS = [  # the original recipe first (the baseline), then the framework's settings
+    _train("original recipe: eager + checkpointing, batch 8", "r320", "eager", True, 8),
+    _train("original recipe: eager + checkpointing, batch 8", "r64", "eager", True, 8),
+    _train("sdpa, no checkpointing, batch 32, random batches", "r64", "sdpa", False, 32),
+    _train("sdpa, no checkpointing, batch 32, length-grouped", "r64", "sdpa", False, 32, True),
+    _train("sdpa, no checkpointing, batch 32, length-grouped", "r320", "sdpa", False, 32, True),
+    _train("sdpa, no checkpointing, batch 16, length-grouped (a100/h100 preset)", "r64", "sdpa", False, 16, True),
+    _train("sdpa, no checkpointing, batch 16, length-grouped (a100/h100 preset)", "r320", "sdpa", False, 16, True),
 ]
 
 
@@ -384,7 +364,7 @@ def run_eval_setting(setting: dict[str, Any], tokenizer, feature_extractor, tiny
 
 
 EVAL_SETTINGS = [
-    {"setting": "generate, LoRA unmerged, batch 8", "attn": "sdpa", "batch": 8, "max_new_tokens": 128, "n": 64},
+    {"setting": "generate, LoRA unmerged, batch 8", "attn": "sdpa", "batch": 8, "max_new_tokens": 128, "n": 32},
     {"setting": "generate, LoRA unmerged, batch 64", "attn": "sdpa", "batch": 64, "max_new_tokens": 128, "n": 256},
     {"setting": "generate, LoRA unmerged, batch 256", "attn": "sdpa", "batch": 256, "max_new_tokens": 128, "n": 512},
     {
@@ -405,6 +385,92 @@ EVAL_SETTINGS = [
         "static_cache": True,
     },
 ]
+
+
+def profile(tokenizer, feature_extractor, tiny: bool, batch: int, r: int, steps: int) -> list[dict[str, Any]]:
+    """Where a training step's time goes: collation (CPU), the SFTTrainer step, a plain HF-loss step."""
+    from datasets import Dataset
+    from omegaconf import OmegaConf
+    from trl import SFTConfig, SFTTrainer
+
+    from phi4_pron.collator import PronunciationCollator
+    from phi4_pron.modeling import attach_speech_lora
+
+    out = []
+    rows = synthetic_rows(batch, seed=3)
+    collator = PronunciationCollator(tokenizer, feature_extractor)
+    t0 = time.perf_counter()
+    for _ in range(3):
+        cpu_batch = collator(rows)
+    out.append({"what": "collate on CPU (one process)", "batch": batch, "s": (time.perf_counter() - t0) / 3})
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    for dropout in (0.05, 0.0):
+        _free()
+        model = build_model(tokenizer, tiny, "sdpa")
+        lora = OmegaConf.create(
+            {"init": "fresh", "r": r, "alpha": 2 * r, "dropout": dropout, "target_modules": LORA_TARGETS}
+        )
+        model = attach_speech_lora(model, lora, path="")
+        with tempfile.TemporaryDirectory() as tmp:
+            args = SFTConfig(
+                output_dir=tmp,
+                bf16=device == "cuda",
+                use_cpu=device == "cpu",
+                report_to=[],
+                remove_unused_columns=False,
+                dataset_kwargs={"skip_prepare_dataset": True},
+                max_length=None,
+                per_device_train_batch_size=batch,
+            )
+            trainer = SFTTrainer(
+                model=model,
+                args=args,
+                train_dataset=Dataset.from_list(rows[:2]),
+                data_collator=collator,
+                processing_class=tokenizer,
+            )
+            trainer.create_optimizer_and_scheduler(num_training_steps=100)
+            trainer.current_gradient_accumulation_steps = 1
+            gpu_batch = {k: v.to(device) for k, v in cpu_batch.items()}
+            for name in ("SFTTrainer.training_step (fused LM head)", "plain forward(labels).loss.backward()"):
+
+                def fn(name=name, trainer=trainer, gpu_batch=gpu_batch):
+                    if name.startswith("SFT"):
+                        return trainer.training_step(trainer.model, dict(gpu_batch))
+                    return _plain_step(trainer, gpu_batch)
+
+                for _ in range(2):
+                    fn()
+                _sync()
+                t0 = time.perf_counter()
+                for _ in range(steps):
+                    fn()
+                _sync()
+                out.append(
+                    {
+                        "what": name,
+                        "dropout": dropout,
+                        "batch": batch,
+                        "r": r,
+                        "s": (time.perf_counter() - t0) / steps,
+                        "peak_gib": torch.cuda.max_memory_reserved() / 2**30 if device == "cuda" else math.nan,
+                    }
+                )
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                trainer.optimizer.step()
+                trainer.optimizer.zero_grad()
+            _sync()
+            out.append({"what": "optimizer.step", "dropout": dropout, "r": r, "s": (time.perf_counter() - t0) / steps})
+        del trainer, model
+        _free()
+    return out
+
+
+def _plain_step(trainer, batch):
+    with trainer.accelerator.autocast():
+        loss = trainer.model(**batch).loss
+    loss.backward()
 
 
 def markdown(results: list[dict[str, Any]], columns: list[str]) -> str:
@@ -462,21 +528,30 @@ def main(argv: list[str] | None = None) -> None:
     from transformers import Phi4MultimodalFeatureExtractor
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("mode", choices=["train", "memory", "eval"])
+    p.add_argument("mode", choices=["train", "memory", "eval", "profile"])
     p.add_argument("--tiny", action="store_true", help="tiny model on the CPU: checks the code path, not speed")
     p.add_argument("--steps", type=int, default=8, help="timed optimizer steps per setting")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--eval-n", type=int, default=512, help="utterances per eval setting without its own n")
     p.add_argument("--max-seconds", type=float, default=15.0, help="audio length of every sample in memory mode")
     p.add_argument("--only", type=int, nargs="*", help="indices of the settings to run")
+    p.add_argument("--no-candidates", action="store_true", help="memory: the presets' own settings only")
     p.add_argument("--out", type=Path, help="folder for <mode>.json and <mode>.md")
     a = p.parse_args(argv)
 
     tokenizer = bench_tokenizer(a.tiny)
     fe = Phi4MultimodalFeatureExtractor()
-    settings = {"train": TRAIN_SETTINGS, "memory": preset_settings(), "eval": EVAL_SETTINGS}[a.mode]
+    if a.mode == "profile":
+        for row in profile(
+            tokenizer, fe, a.tiny, batch=2 if a.tiny else 32, r=8 if a.tiny else 64, steps=1 if a.tiny else a.steps
+        ):
+            print(json.dumps(row), flush=True)
+        return
+    settings = {"train": TRAIN_SETTINGS, "memory": preset_settings(not a.no_candidates), "eval": EVAL_SETTINGS}[a.mode]
     if a.tiny:  # small shapes: the CPU only checks that every path runs
-        settings = [{**s, "r": min(s.get("r", 8), 8), "batch": 2, "max_new_tokens": 4} for s in settings[:2]]
+        settings = [
+            {**s, "r": min(s.get("r", 8), 8), "batch": 2, "max_new_tokens": 4} for s in [settings[0], settings[-1]]
+        ]
     if a.only:
         settings = [settings[i] for i in a.only]
     results: list[dict[str, Any]] = []

@@ -8,6 +8,7 @@ import os
 import shutil
 from pathlib import Path
 
+import torch
 from transformers import TrainerCallback
 
 from phi4_pron.dist import barrier
@@ -75,6 +76,8 @@ class EpochEvalCallback(TrainerCallback):
 
         epoch = math.ceil(state.epoch - 1e-6)
         name = f"checkpoint-epoch-{epoch}"
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # hand the training activations' cache to generation
         metrics, plots = evaluate_model(
             model,
             self.tokenizer,

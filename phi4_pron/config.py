@@ -76,6 +76,7 @@ class DataConfig:
     eval_split: str = "test"
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
+    group_by_length: bool = True  # batch recordings of similar duration together (less padding)
 
 
 @dataclass

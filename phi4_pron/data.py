@@ -182,10 +182,16 @@ def decode_audio(audio: Any, utt_id: str = "?"):
         ) from e
 
 
-def check_audio_file(audio: Any, utt_id: str = "?") -> None:
-    """Open one recording's header (cheap): a missing or broken file raises :class:`DataError` naming it."""
+def check_audio_file(audio: Any, utt_id: str = "?") -> float:
+    """Open one recording's header (cheap); returns its duration in seconds.
+
+    A missing or broken file raises :class:`DataError` naming it.
+    """
+    if isinstance(audio, (np.ndarray, list)):
+        return len(audio) / SAMPLING_RATE
     try:
-        _decoder(audio).metadata  # noqa: B018
+        meta = _decoder(audio).metadata
+        return float(meta.duration_seconds_from_header or meta.duration_seconds or 0.0)
     except Exception as e:
         raise DataError(
             f"cannot read the audio of utterance {utt_id} ({_audio_name(audio)}): {e}. Replace the file or "
@@ -193,7 +199,8 @@ def check_audio_file(audio: Any, utt_id: str = "?") -> None:
         ) from e
 
 
-def check_audio(ds: Dataset) -> None:
-    """Check every recording of a split, so a broken file stops the run before any model loads."""
-    for utt, audio in zip(ds["id"], ds["audio"], strict=True):
-        check_audio_file(audio, utt)
+def with_lengths(ds: Dataset) -> Dataset:
+    """Check every recording of a split (a broken file stops the run before any model loads) and add a
+    ``length`` column (duration in centiseconds) for length-grouped batching."""
+    durations = [check_audio_file(a, u) for u, a in zip(ds["id"], ds["audio"], strict=True)]
+    return ds.add_column("length", [round(100 * d) for d in durations])

@@ -26,7 +26,7 @@ from phi4_pron import __version__, dist
 from phi4_pron.callbacks import EpochCheckpointCallback, EpochEvalCallback, latest_checkpoint
 from phi4_pron.collator import PronunciationCollator
 from phi4_pron.config import LoraInit
-from phi4_pron.data import check_audio, load_split
+from phi4_pron.data import load_split, with_lengths
 from phi4_pron.io import write_json_atomic
 from phi4_pron.modeling import (
     adapter_summary,
@@ -88,6 +88,9 @@ def sft_config(cfg: DictConfig, run_dir: Path, world_size: int) -> SFTConfig:
         gradient_checkpointing=hw.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
         dataloader_num_workers=hw.dataloader_num_workers,
+        # batches of similar length: little padding (the ``length`` column is the recording's duration)
+        train_sampling_strategy="group_by_length" if cfg.data.group_by_length else "random",
+        length_column_name="length",
         save_strategy="epoch",
         logging_steps=cfg.logger.logging_steps,
         logging_first_step=True,
@@ -109,7 +112,7 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
     model_path = resolve_model_path(cfg.model)
     tokenizer, feature_extractor = load_tokenizer_and_features(model_path, cfg.model.revision)
     train_ds = load_split(cfg.data.path, cfg.data.train_split, cfg.data.revision, cfg.data.max_train_samples)
-    check_audio(train_ds)
+    train_ds = with_lengths(train_ds)
     args = sft_config(cfg, run_dir, world_size)
 
     model = load_base_model(model_path, cfg.model, cfg.hardware.attn_implementation)

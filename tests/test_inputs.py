@@ -37,13 +37,13 @@ def test_missing_audio_file(corpus):
 
 
 def test_unreadable_wav(corpus):
-    from phi4_pron.data import check_audio
+    from phi4_pron.data import with_lengths
 
     utt, rel = (corpus / "train" / "wav.scp").read_text().split("\n")[0].split()
     (corpus / rel).write_bytes(b"RIFF....not a wav at all")
     ds = load_split(str(corpus), "train")
     with pytest.raises(DataError, match=f"cannot read the audio of utterance {utt} .*{rel}"):
-        check_audio(ds)
+        with_lengths(ds)
     with pytest.raises(DataError, match=f"cannot decode the audio of utterance {utt} .*{rel}"):
         decode_audio(ds[0]["audio"], ds[0]["id"])
 
@@ -84,3 +84,10 @@ def test_model_path_that_does_not_exist(tmp_path):
         resolve_model_path(OmegaConf.create({"name_or_path": str(tmp_path / "empty"), "build_tiny": False}))
     hub = OmegaConf.create({"name_or_path": "microsoft/Phi-4-multimodal-instruct", "build_tiny": False})
     assert resolve_model_path(hub) == "microsoft/Phi-4-multimodal-instruct"
+
+
+def test_lengths_are_durations():
+    from phi4_pron.data import with_lengths
+
+    ds = with_lengths(load_split(str(MINI), "train", limit=2))
+    assert ds[0]["length"] == 328 and all(n > 100 for n in ds["length"])  # 000010149.WAV lasts 3.28 s
