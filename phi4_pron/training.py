@@ -107,6 +107,16 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
     """Train one configuration; returns the final training metrics."""
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     world_size = dist.world_size()
+    if cfg.hardware.num_gpus > 1 and world_size != cfg.hardware.num_gpus:
+        log.warning(
+            "hardware=%s is for %d GPUs but %d process(es) run: launch with torchrun --nproc_per_node %d "
+            "(gradient accumulation follows the processes, the effective batch stays %d)",
+            cfg.hardware.name,
+            cfg.hardware.num_gpus,
+            world_size,
+            cfg.hardware.num_gpus,
+            cfg.optim.effective_batch_size,
+        )
     set_seed(cfg.seed)
 
     model_path = resolve_model_path(cfg.model)
