@@ -100,6 +100,7 @@ def sft_config(cfg: DictConfig, run_dir: Path, world_size: int) -> SFTConfig:
         dataset_kwargs={"skip_prepare_dataset": True},
         max_length=None,  # the collator enforces model.max_length
         ddp_find_unused_parameters=False,
+        ddp_timeout=4 * 3600,  # the other ranks wait while rank 0 runs the per-epoch evaluation
     )
 
 

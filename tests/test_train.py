@@ -56,14 +56,23 @@ def test_training_config_records_the_lora_setup(smoke_run):
 
 
 def test_saved_adapter_reloads_and_generates(smoke_run):
+    import torch
+
+    from phi4_pron.collator import PronunciationCollator
     from phi4_pron.data import load_split
     from phi4_pron.inference import generate_answers, load_adapter_for_inference
 
     lora, run_dir = smoke_run
-    model, tokenizer, fe = load_adapter_for_inference(run_dir / "final_model")
-    assert model.peft_config["default"].r == {"r64": 64, "r320": 320}[lora]
+    adapter = json.loads((run_dir / "final_model" / "adapter_config.json").read_text())
+    assert adapter["r"] == {"r64": 64, "r320": 320}[lora]
     rows = load_split(str(MINI), "test", limit=2)
-    answers = generate_answers(model, tokenizer, fe, [rows[0], rows[1]], max_new_tokens=8)
+    merged, tokenizer, fe = load_adapter_for_inference(run_dir / "final_model")
+    unmerged, _, _ = load_adapter_for_inference(run_dir / "final_model", merge=False)
+    assert unmerged.peft_config["default"].r == adapter["r"] and not hasattr(merged, "peft_config")
+    batch = PronunciationCollator(tokenizer, fe)([rows[0], rows[1]])
+    with torch.no_grad():  # merging the adapter into the weights leaves the function unchanged
+        torch.testing.assert_close(merged(**batch).logits, unmerged(**batch).logits, rtol=1e-4, atol=1e-4)
+    answers = generate_answers(merged, tokenizer, fe, [rows[0], rows[1]], max_new_tokens=8)
     assert len(answers) == 2 and all(isinstance(a, str) and a for a in answers)
 
 
