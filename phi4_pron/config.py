@@ -75,7 +75,6 @@ class DataConfig:
     train_split: str = "train"
     eval_split: str = "test"
     max_train_samples: int | None = None
-    max_eval_samples: int | None = None
     group_by_length: bool = True  # batch recordings of similar duration together (less padding)
 
 
