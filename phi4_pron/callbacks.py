@@ -14,6 +14,11 @@ from transformers import TrainerCallback
 from phi4_pron.dist import barrier
 
 
+def saved_epoch(state) -> int:
+    """The epoch a save happens at the end of (a partial last epoch counts as one): N of checkpoint-epoch-N."""
+    return math.ceil(state.epoch - 1e-6)
+
+
 class EpochCheckpointCallback(TrainerCallback):
     """Renames the Trainer's ``checkpoint-<step>`` to ``checkpoint-epoch-<N>`` right after it is saved.
 
@@ -28,7 +33,7 @@ class EpochCheckpointCallback(TrainerCallback):
         src = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if not src.is_dir():
             return
-        dst = Path(args.output_dir) / f"checkpoint-epoch-{math.ceil(state.epoch - 1e-6)}"
+        dst = Path(args.output_dir) / f"checkpoint-epoch-{saved_epoch(state)}"
         if dst.exists():  # a resumed run re-saving the same epoch
             shutil.rmtree(dst)
         os.replace(src, dst)
@@ -74,7 +79,7 @@ class EpochEvalCallback(TrainerCallback):
         from phi4_pron.evaluation import HEADLINE, evaluate_model
         from phi4_pron.tracking import log_plots, summarize
 
-        epoch = math.ceil(state.epoch - 1e-6)
+        epoch = saved_epoch(state)
         name = f"checkpoint-epoch-{epoch}"
         if torch.cuda.is_available():
             torch.cuda.empty_cache()  # hand the training activations' cache to generation

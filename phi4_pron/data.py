@@ -91,10 +91,10 @@ def _read_table(file: Path) -> dict[str, str]:
     rows = {}
     for n, line in enumerate(file.read_text().splitlines(), 1):
         if line.strip():
-            key, _, value = line.strip().partition(" ") if "\t" not in line else line.strip().partition("\t")
-            if not value.strip():
+            key, *value = line.split(maxsplit=1)
+            if not value:
                 raise DataError(f"{file}:{n}: expected '<utterance id> <value>', got {line!r}.")
-            rows[key] = value.strip()
+            rows[key] = value[0].strip()
     return rows
 
 

@@ -50,12 +50,12 @@ def start_wandb(cfg: DictConfig, run_dir: Path, job_type: str, name: str, group:
     )
 
 
-def finish_wandb(run: Any, summary: dict[str, Any] | None = None) -> None:
+def finish_wandb(run: Any, summary: dict[str, Any] | None = None, exit_code: int = 0) -> None:
     if run is None:
         return
     if summary:
         run.summary.update(summary)
-    run.finish()
+    run.finish(exit_code=exit_code)
 
 
 def log_plots(plots: dict[str, Path], step: int, tb_writer=None) -> None:

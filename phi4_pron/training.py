@@ -138,32 +138,31 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
     )
 
     init = LoraInit(cfg.lora.init)
-    write_json_atomic(
-        run_dir / "training_config.json",
-        {
-            "config_name": cfg.lora.run_name,
-            "description": cfg.lora.description,
-            "experiment": cfg.experiment_name,
-            "model": {"name_or_path": model_path, "revision": cfg.model.revision, "dtype": cfg.model.dtype},
-            "speech_lora": {
-                "init": init.value,
-                "source": f"{model_path}/{cfg.lora.adapter_subfolder}"
-                if init is LoraInit.pretrained
-                else "fresh initialisation",
-                **adapter,
-            },
-            "vision_lora": vision_lora_summary(model_path, cfg.lora),
-            "trainable_params": adapter["trainable_params"],
-            "trainable_share": adapter["trainable_share"],
-            "effective_batch_size": args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size,
-            "world_size": world_size,
-            "train_samples": len(train_ds),
-            "data": {"path": cfg.data.path, "train_split": cfg.data.train_split},
-            "training_arguments": args.to_dict(),
-            "phi4_pron_version": __version__,
-            "config": OmegaConf.to_container(cfg, resolve=True),
+    record = {
+        "config_name": cfg.lora.run_name,
+        "description": cfg.lora.description,
+        "experiment": cfg.experiment_name,
+        "model": {"name_or_path": model_path, "revision": cfg.model.revision, "dtype": cfg.model.dtype},
+        "speech_lora": {
+            "init": init.value,
+            "source": f"{model_path}/{cfg.lora.adapter_subfolder}"
+            if init is LoraInit.pretrained
+            else "fresh initialisation",
+            **adapter,
         },
-    )
+        "vision_lora": vision_lora_summary(model_path, cfg.lora),
+        "trainable_params": adapter["trainable_params"],
+        "trainable_share": adapter["trainable_share"],
+        "effective_batch_size": args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size,
+        "world_size": world_size,
+        "train_samples": len(train_ds),
+        "data": {"path": cfg.data.path, "train_split": cfg.data.train_split},
+        "training_arguments": args.to_dict(),
+        "phi4_pron_version": __version__,
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+    if dist.is_main_process():  # one writer per run folder
+        write_json_atomic(run_dir / "training_config.json", record)
 
     collator = PronunciationCollator(tokenizer, feature_extractor, max_length=cfg.model.max_length)
     tb = tensorboard_callback(cfg, run_dir)
@@ -201,6 +200,9 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
         metrics = dict(result.metrics)
         finish_wandb(wandb_run, {f"train/{k}": v for k, v in metrics.items()})
         return metrics
+    except BaseException:
+        finish_wandb(wandb_run, exit_code=1)  # the W&B run shows the job failed
+        raise
     finally:
         release(trainer)
 
