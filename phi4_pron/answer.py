@@ -8,14 +8,17 @@ Answer format (one JSON object, keys in this order)::
     {"accuracy": 8, "fluency": 9, "prosodic": 8, "total": 8,
      "transcript": "WE CALL IT BEAR",
      "phones": "W IY K AO L IH T B EH R",
-     "mispronunciations": [{"word": "BEAR", "canonical": "EH", "pronounced": "AE"}]}
+     "mispronunciations": [["BEAR", "EH", "AE"]]}
 
 - scores: the corpus's utterance-level integers 0-10;
 - ``transcript``: what was said (the prompt text, upper case, as the corpus gives it);
 - ``phones``: the phones as pronounced: the canonical phones with each annotated mispronunciation's
   pronounced phone put in its place (``<unk>`` where the annotator could not name it, dropped where
   it is ``<DEL>``), stress digits removed (ARPAbet, 39 phones);
-- ``mispronunciations``: the annotated ones, in order.
+- ``mispronunciations``: the annotated ones, in order, each ``[word, canonical phone, pronounced phone]``.
+
+The instruction is short and the mispronunciations are triples, not objects, because every token costs
+training and decoding time (the JSON keys say what each value is); fine-tuning teaches the format.
 """
 
 from __future__ import annotations
@@ -30,11 +33,7 @@ SCORE_KEYS = ("accuracy", "fluency", "prosodic", "total")
 USER, ASSISTANT, END = "<|user|>", "<|assistant|>", "<|end|>"
 AUDIO_PLACEHOLDER = "<|audio|>"
 
-INSTRUCTION = (
-    'Assess the learner reading "{text}". As one JSON object give accuracy, fluency, prosodic and total '
-    "(integers 0-10, as a human rater would), the transcript, the phones as pronounced (ARPAbet, no "
-    "stress) and the mispronunciations."
-)
+INSTRUCTION = 'Assess the pronunciation of "{text}" as JSON.'
 
 _STRESS = re.compile(r"(?<=[A-Z])[0-2]$")
 
@@ -86,11 +85,7 @@ def target_answer(row: dict[str, Any]) -> str:
     answer["transcript"] = row["text"].strip()
     answer["phones"] = " ".join(pronounced_phones(row["words"]))
     answer["mispronunciations"] = [
-        {
-            "word": w["text"],
-            "canonical": strip_stress(m["canonical-phone"]),
-            "pronounced": strip_stress(m["pronounced-phone"]),
-        }
+        [w["text"], strip_stress(m["canonical-phone"]), strip_stress(m["pronounced-phone"])]
         for w in row["words"]
         for m in w.get("mispronunciations") or []
     ]

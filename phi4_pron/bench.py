@@ -139,9 +139,12 @@ class StepTimer:
 
             def on_step_end(self, args, state, control, **kw):
                 _sync()
-                timer.steps.append(time.perf_counter() - timer.t0)
+                now = time.perf_counter()
+                timer.steps.append(now - timer.t0)
+                timer.ends.append(now)
 
-        self.steps: list[float] = []
+        self.steps: list[float] = []  # compute only: from step begin to step end
+        self.ends: list[float] = []  # step end times: their differences include waiting for data
         self.callback = _CB()
 
 
@@ -172,7 +175,7 @@ def run_training_setting(
     from trl import SFTTrainer
 
     from phi4_pron.collator import PronunciationCollator
-    from phi4_pron.modeling import attach_speech_lora
+    from phi4_pron.modeling import attach_speech_lora, compile_layers
     from phi4_pron.training import sft_config
 
     cfg = OmegaConf.create(
@@ -196,7 +199,7 @@ def run_training_setting(
                 "bf16": torch.cuda.is_available(),
                 "num_gpus": int(torch.cuda.is_available()),
                 "gradient_checkpointing": setting["checkpointing"],
-                "dataloader_num_workers": 4 if torch.cuda.is_available() else 0,
+                "dataloader_num_workers": setting.get("workers", 8) if torch.cuda.is_available() else 0,
             },
             "logger": {"logging_steps": 1000, "wandb": {"enabled": False}},
         }
@@ -213,6 +216,8 @@ def run_training_setting(
         }
     )
     model = attach_speech_lora(model, lora, path="")
+    if setting.get("compile"):
+        compile_layers(model)
     rows = synthetic_rows(setting["batch"] * (warmup + steps), seed=1, seconds=seconds)
     collator = PronunciationCollator(tokenizer, feature_extractor)
     sample = collator(rows[: setting["batch"]])
@@ -235,11 +240,14 @@ def run_training_setting(
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         trainer.train()
-    step_s = statistics.median(timer.steps[warmup:]) if len(timer.steps) > warmup else math.nan
+    # wall time per step after the warm-up (compilation) steps, data loading included
+    step_s = (timer.ends[-1] - timer.ends[warmup - 1]) / steps if len(timer.ends) > warmup else math.nan
     tokens_per_step = n_tokens * setting["batch"]
     result = {
         **setting,
         "s_per_step": step_s,
+        "compute_s_per_step": statistics.median(timer.steps[warmup:]) if len(timer.steps) > warmup else math.nan,
+        "warmup_s": sum(timer.steps[:warmup]),
         "samples_per_s": setting["batch"] / step_s,
         "epoch_s": EPOCH_UTTERANCES / setting["batch"] * step_s,
         "tflops": 4 * lm_params(model) * tokens_per_step / step_s / 1e12,
@@ -255,7 +263,7 @@ def run_training_setting(
     return result
 
 
-def _train(setting: str, lora: str, attn: str, checkpointing: bool, batch: int, grouped: bool = False) -> dict:
+def _train(setting: str, lora: str, attn: str, checkpointing: bool, batch: int, grouped: bool = False, **kw) -> dict:
     r = {"r320": 320, "r64": 64}[lora]
     return {
         "setting": setting,
@@ -266,17 +274,39 @@ def _train(setting: str, lora: str, attn: str, checkpointing: bool, batch: int, 
         "batch": batch,
         "group_by_length": grouped,
         "dropout": 0.01 if r == 320 else 0.05,
+        **kw,
     }
 
 
-TRAIN_SETTINGS = [  # the original recipe first (the baseline), then the framework's settings
+def _preset(name: str) -> dict[str, Any]:
+    import yaml
+
+    return yaml.safe_load((REPO_ROOT / "conf" / "hardware" / f"{name}.yaml").read_text())
+
+
+def _preset_train(name: str, lora: str, batch: int | None = None) -> dict[str, Any]:
+    hw = _preset(name)
+    b = batch or hw["per_device_train_batch_size"]
+    label = f"{name} preset" if batch is None else f"{name} preset at batch {b}"
+    return _train(
+        f"{label}: {hw['attn_implementation']}, compile={hw['compile']}, checkpointing={hw['gradient_checkpointing']}, "
+        f"batch {b}, length-grouped",
+        lora,
+        hw["attn_implementation"],
+        hw["gradient_checkpointing"],
+        b,
+        True,
+        compile=hw["compile"],
+        workers=hw["dataloader_num_workers"],
+    )
+
+
+TRAIN_SETTINGS = [  # the original recipe first (the baseline), then the framework's presets
     _train("original recipe: eager + checkpointing, batch 8", "r320", "eager", True, 8),
     _train("original recipe: eager + checkpointing, batch 8", "r64", "eager", True, 8),
-    _train("sdpa, no checkpointing, batch 32, random batches", "r64", "sdpa", False, 32),
-    _train("sdpa, no checkpointing, batch 32, length-grouped", "r64", "sdpa", False, 32, True),
-    _train("sdpa, no checkpointing, batch 32, length-grouped", "r320", "sdpa", False, 32, True),
-    _train("sdpa, no checkpointing, batch 16, length-grouped (a100/h100 preset)", "r64", "sdpa", False, 16, True),
-    _train("sdpa, no checkpointing, batch 16, length-grouped (a100/h100 preset)", "r320", "sdpa", False, 16, True),
+    _preset_train("h100", "r64"),
+    _preset_train("h100", "r320"),
+    _train("h100 preset without compile", "r64", "sdpa", False, 32, True),
 ]
 
 
@@ -308,6 +338,7 @@ def preset_settings(with_candidates: bool = True) -> list[dict[str, Any]]:
                         "r": r,
                         "attn": hw["attn_implementation"],
                         "checkpointing": ckpt,
+                        "compile": hw.get("compile", False),
                         "batch": batch,
                         "dropout": 0.01 if r == 320 else 0.05,
                     }
@@ -315,9 +346,41 @@ def preset_settings(with_candidates: bool = True) -> list[dict[str, Any]]:
     return out
 
 
+class ReferenceAnswerLength:
+    """Stopping criterion: each row stops after as many tokens as its reference answer (+ ``<|end|>``).
+
+    Random weights never emit ``<|end|>``; a trained model does, at about its reference answer's length. Rows are
+    recognised by their prompt's text tokens (audio placeholders and padding left out).
+    """
+
+    def __init__(self, tokenizer, rows: list[dict[str, Any]]):
+        from phi4_pron.answer import AUDIO_PLACEHOLDER, prompt_text, target_answer
+
+        self.skip = {tokenizer.convert_tokens_to_ids(AUDIO_PLACEHOLDER), tokenizer.pad_token_id, tokenizer.eos_token_id}
+        self.targets: dict[tuple[int, ...], int] = {}
+        for r in rows:
+            ids = tokenizer(prompt_text(r["text"]), add_special_tokens=False)["input_ids"]
+            answer = tokenizer(target_answer(r), add_special_tokens=False)["input_ids"]
+            self.targets[tuple(t for t in ids if t not in self.skip)] = len(answer) + 1
+        self.start, self.seen, self.lengths = 0, 0, None
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        if self.lengths is None or input_ids.shape[1] <= self.seen:  # a new generate call: read its prompts
+            self.start = input_ids.shape[1] - 1
+            prompts = input_ids[:, : self.start].tolist()
+            self.lengths = torch.tensor(
+                [self.targets[tuple(t for t in p if t not in self.skip)] for p in prompts], device=input_ids.device
+            )
+        self.seen = input_ids.shape[1]
+        return (input_ids.shape[1] - self.start) >= self.lengths
+
+
 def run_eval_setting(setting: dict[str, Any], tokenizer, feature_extractor, tiny: bool, n: int) -> dict[str, Any]:
     """Generate and score ``n`` utterances; the time is scaled to the 2500-utterance test split."""
+    import functools
+
     from omegaconf import OmegaConf
+    from transformers import StoppingCriteriaList
 
     from phi4_pron.evaluation import generate_records, score
     from phi4_pron.modeling import attach_speech_lora
@@ -329,23 +392,25 @@ def run_eval_setting(setting: dict[str, Any], tokenizer, feature_extractor, tiny
     if setting.get("merged"):
         model = model.merge_and_unload()
     model.eval()
-    if setting.get("static_cache"):
-        model.generation_config.cache_implementation = "static"
     rows = synthetic_rows(n, seed=2)
-    warm = generate_records(
+    if setting.get("answer_lengths"):
+        stop = StoppingCriteriaList([ReferenceAnswerLength(tokenizer, rows)])
+        model.generate = functools.partial(model.generate, stopping_criteria=stop)
+    workers = setting.get("workers", 0) if torch.cuda.is_available() else 0
+    run = functools.partial(
+        generate_records,
         model,
         tokenizer,
         feature_extractor,
-        rows[: setting["batch"]],
-        setting["batch"],
-        setting["max_new_tokens"],
+        batch_size=setting["batch"],
+        max_new_tokens=setting["max_new_tokens"],
         progress=False,
-    )  # compile / allocator warm-up
+        num_workers=workers,
+    )
+    warm = run(rows[: min(n, setting["batch"])])  # allocator and kernel warm-up
     _sync()
     t0 = time.perf_counter()
-    records = generate_records(
-        model, tokenizer, feature_extractor, rows, setting["batch"], setting["max_new_tokens"], progress=False
-    )
+    records = run(rows)
     score(records)
     _sync()
     elapsed = time.perf_counter() - t0
@@ -363,27 +428,23 @@ def run_eval_setting(setting: dict[str, Any], tokenizer, feature_extractor, tiny
     return result
 
 
-EVAL_SETTINGS = [
-    {"setting": "generate, LoRA unmerged, batch 8", "attn": "sdpa", "batch": 8, "max_new_tokens": 128, "n": 32},
-    {"setting": "generate, LoRA unmerged, batch 64", "attn": "sdpa", "batch": 64, "max_new_tokens": 128, "n": 256},
-    {"setting": "generate, LoRA unmerged, batch 256", "attn": "sdpa", "batch": 256, "max_new_tokens": 128, "n": 512},
-    {
-        "setting": "generate, LoRA merged, batch 256",
+def _eval(setting: str, batch: int, n: int, merged: bool = True, workers: int = 8, **kw) -> dict[str, Any]:
+    return {
+        "setting": setting,
         "attn": "sdpa",
-        "batch": 256,
+        "batch": batch,
         "max_new_tokens": 128,
-        "n": 512,
-        "merged": True,
-    },
-    {
-        "setting": "generate, LoRA merged, static cache (compiled), batch 256",
-        "attn": "sdpa",
-        "batch": 256,
-        "max_new_tokens": 128,
-        "n": 512,
-        "merged": True,
-        "static_cache": True,
-    },
+        "n": n,
+        "merged": merged,
+        "workers": workers,
+        **kw,
+    }
+
+
+EVAL_SETTINGS = [  # the original way first (the baseline), then the framework's evaluation
+    _eval("original: generate, LoRA unmerged, batch 8, in order, 128 new tokens", 8, 16, merged=False, workers=0),
+    _eval("framework: merged, batch 256, by length, 8 workers, 128 new tokens (upper bound)", 256, 2500),
+    _eval("framework: merged, batch 256, by length, 8 workers, reference-length answers", 256, 2500, answer_lengths=1),
 ]
 
 
@@ -550,14 +611,15 @@ def main(argv: list[str] | None = None) -> None:
     settings = {"train": TRAIN_SETTINGS, "memory": preset_settings(not a.no_candidates), "eval": EVAL_SETTINGS}[a.mode]
     if a.tiny:  # small shapes: the CPU only checks that every path runs
         settings = [
-            {**s, "r": min(s.get("r", 8), 8), "batch": 2, "max_new_tokens": 4} for s in [settings[0], settings[-1]]
+            {**s, "r": min(s.get("r", 8), 8), "batch": 2, "max_new_tokens": 4, "compile": False}
+            for s in [settings[0], settings[-1]]
         ]
     if a.only:
         settings = [settings[i] for i in a.only]
     results: list[dict[str, Any]] = []
     measured: dict[tuple, dict[str, Any]] = {}  # identical settings (a100 and h100 presets) are measured once
     for s in settings:
-        key = (s.get("lora"), s["batch"], s.get("checkpointing"), s["attn"])
+        key = (s.get("lora"), s["batch"], s.get("checkpointing"), s["attn"], s.get("compile"))
         try:
             if a.mode == "eval":
                 r = run_eval_setting(s, tokenizer, fe, a.tiny, n=4 if a.tiny else s.get("n", a.eval_n))

@@ -83,16 +83,18 @@ class EpochEvalCallback(TrainerCallback):
         name = f"checkpoint-epoch-{epoch}"
         if torch.cuda.is_available():
             torch.cuda.empty_cache()  # hand the training activations' cache to generation
-        metrics, plots = evaluate_model(
-            model,
-            self.tokenizer,
-            self.feature_extractor,
-            self.dataset,
-            self.run_dir / "eval" / name,
-            self.batch_size,
-            self.max_new_tokens,
-            info={"checkpoint": name, "epoch": epoch, "step": state.global_step},
-        )
+        with torch.compiler.set_stance("force_eager"):  # compiled layers (hardware.compile) are for training
+            metrics, plots = evaluate_model(
+                model,
+                self.tokenizer,
+                self.feature_extractor,
+                self.dataset,
+                self.run_dir / "eval" / name,
+                self.batch_size,
+                self.max_new_tokens,
+                info={"checkpoint": name, "epoch": epoch, "step": state.global_step},
+                num_workers=args.dataloader_num_workers,
+            )
         self.trainer.log({f"eval/{k}": metrics[k] for k in HEADLINE})
         log_plots(plots, state.global_step, self.tb_writer)
         summarize({"epoch": epoch, **{f"table3/{k}": metrics[k] for k in HEADLINE}})

@@ -28,6 +28,7 @@ class PronunciationCollator:
     max_length: int = 2048
     with_answer: bool = True
     padding_side: str = "right"
+    pad_to_multiple_of: int = 8  # aligned lengths: tensor-core friendly, and one compiled graph for all batches
 
     def __post_init__(self) -> None:
         self.audio_token_id = self.tokenizer.convert_tokens_to_ids(AUDIO_PLACEHOLDER)
@@ -73,7 +74,7 @@ class PronunciationCollator:
         return batch
 
     def _pad(self, seqs: list[list[int]], value: int) -> torch.Tensor:
-        width = max(len(s) for s in seqs)
+        width = -(-max(len(s) for s in seqs) // self.pad_to_multiple_of) * self.pad_to_multiple_of
         out = torch.full((len(seqs), width), value, dtype=torch.long)
         for i, s in enumerate(seqs):
             if self.padding_side == "right":

@@ -64,6 +64,7 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
         batch_size=cfg.eval.batch_size or hardware.per_device_eval_batch_size,
         max_new_tokens=cfg.eval.max_new_tokens,
         info={"checkpoint": cfg.checkpoint, "data": data.path, "split": data.eval_split},
+        num_workers=hardware.dataloader_num_workers,
     )
     if wandb_run is not None:
         wandb_run.log({f"eval/{k}": metrics[k] for k in HEADLINE})

@@ -14,10 +14,12 @@ import math
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from phi4_pron.answer import SCORE_KEYS, canonical_phones, mispronounced_flags, parse_answer, pronounced_phones
-from phi4_pron.inference import batches, generate_answers
+from phi4_pron.inference import generate_answers, generate_from_batch, generation_collator
 from phi4_pron.io import write_json_atomic, write_text_atomic
 from phi4_pron.metrics import detected_mispronunciations, mdd_scores, pcc, per, wer
 
@@ -46,15 +48,58 @@ def reference(row: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def generate_records(
-    model, tokenizer, feature_extractor, dataset, batch_size: int, max_new_tokens: int, progress: bool = True
-) -> list[dict[str, Any]]:
-    """One record per row: id, raw answer, parsed answer (None if unparseable), reference, error."""
-    records = []
-    bar = tqdm(total=len(dataset), desc="evaluating", unit="utt", disable=not progress)
-    for rows in batches(dataset, batch_size):
+class _CollateOrError:
+    """The generation collator, run in DataLoader workers; a failure comes back as the exception."""
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def __call__(self, rows):
         try:
-            answers: list[str | Exception] = generate_answers(model, tokenizer, feature_extractor, rows, max_new_tokens)
+            return self.collator(rows)
+        except Exception as e:  # noqa: BLE001 - the main process retries the batch row by row
+            return e
+
+
+def _texts(dataset) -> list[str]:
+    return list(dataset["text"]) if hasattr(dataset, "column_names") else [r["text"] for r in dataset]
+
+
+def generate_records(
+    model,
+    tokenizer,
+    feature_extractor,
+    dataset,
+    batch_size: int,
+    max_new_tokens: int,
+    progress: bool = True,
+    num_workers: int = 0,
+) -> list[dict[str, Any]]:
+    """One record per row, in the dataset's order: id, raw answer, parsed answer (None if unparseable), reference,
+    error.
+
+    Rows are batched by prompt length (little padding, and a batch's answers end at about the same step), and
+    ``num_workers`` DataLoader processes decode and featurize the next batches while the GPU generates.
+    """
+    texts = _texts(dataset)
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    index_batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    collator = generation_collator(tokenizer, feature_extractor)
+    loader = DataLoader(
+        dataset,
+        batch_sampler=index_batches,
+        collate_fn=_CollateOrError(collator),
+        num_workers=num_workers,
+        pin_memory=torch.cuda.is_available(),
+    )
+    records: list[dict[str, Any] | None] = [None] * len(texts)
+    bar = tqdm(total=len(texts), desc="evaluating", unit="utt", disable=not progress)
+    for indices, batch in zip(index_batches, loader, strict=True):
+        rows = [dataset[i] for i in indices]
+        try:
+            if isinstance(batch, Exception):
+                raise batch
+            answers: list[str | Exception] = generate_from_batch(model, tokenizer, batch, max_new_tokens)
         except Exception:  # find the culprit(s): retry one by one
             answers = []
             for row in rows:
@@ -63,17 +108,15 @@ def generate_records(
                 except Exception as e:
                     log.warning("utterance %s failed: %s", row["id"], e)
                     answers.append(e)
-        for row, answer in zip(rows, answers, strict=True):
+        for i, row, answer in zip(indices, rows, answers, strict=True):
             failed = isinstance(answer, Exception)
-            records.append(
-                {
-                    "id": row["id"],
-                    "raw": None if failed else answer,
-                    "parsed": None if failed else parse_answer(answer),
-                    "error": f"{type(answer).__name__}: {answer}" if failed else None,
-                    "reference": reference(row),
-                }
-            )
+            records[i] = {
+                "id": row["id"],
+                "raw": None if failed else answer,
+                "parsed": None if failed else parse_answer(answer),
+                "error": f"{type(answer).__name__}: {answer}" if failed else None,
+                "reference": reference(row),
+            }
         bar.update(len(rows))
     bar.close()
     return records
@@ -156,12 +199,15 @@ def evaluate_model(
     batch_size: int,
     max_new_tokens: int,
     info: dict[str, Any] | None = None,
+    num_workers: int = 0,
 ) -> tuple[dict[str, Any], dict[str, Path]]:
     """Generate, score and write one evaluation; returns the metrics and the plot files."""
     was_training = model.training
     model.eval()
     try:
-        records = generate_records(model, tokenizer, feature_extractor, dataset, batch_size, max_new_tokens)
+        records = generate_records(
+            model, tokenizer, feature_extractor, dataset, batch_size, max_new_tokens, num_workers=num_workers
+        )
     finally:
         model.train(was_training)
     metrics = score(records)

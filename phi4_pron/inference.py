@@ -63,22 +63,29 @@ def batches(rows: Sequence[Any], size: int) -> Iterator[list[Any]]:
         yield [rows[j] for j in range(i, min(i + size, len(rows)))]
 
 
+def generation_collator(tokenizer, feature_extractor) -> PronunciationCollator:
+    """Prompts only, padded on the left so every row's answer starts at the same position."""
+    return PronunciationCollator(tokenizer, feature_extractor, with_answer=False, padding_side="left")
+
+
 @torch.inference_mode()
-def generate_answers(
-    model, tokenizer, feature_extractor, rows: list[dict[str, Any]], max_new_tokens: int = 256
-) -> list[str]:
-    """Greedy answers for one batch of rows (each with ``audio`` and ``text``), prompt stripped."""
-    collator = PronunciationCollator(tokenizer, feature_extractor, with_answer=False, padding_side="left")
-    batch = collator(rows)
+def generate_from_batch(model, tokenizer, batch: dict[str, torch.Tensor], max_new_tokens: int = 256) -> list[str]:
+    """Greedy answers for one collated batch (from :func:`generation_collator`), prompt stripped."""
     device = next(model.parameters()).device
-    batch = {k: v.to(device) for k, v in batch.items()}
-    stop_ids = [tokenizer.convert_tokens_to_ids(END), tokenizer.eos_token_id]
+    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
     out = model.generate(
         **batch,
         max_new_tokens=max_new_tokens,
         do_sample=False,
-        eos_token_id=stop_ids,
-        pad_token_id=collator.pad_token_id,
+        eos_token_id=[tokenizer.convert_tokens_to_ids(END), tokenizer.eos_token_id],
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
     )
-    new_tokens = out[:, batch["input_ids"].shape[1] :]
-    return tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+    return tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+def generate_answers(
+    model, tokenizer, feature_extractor, rows: list[dict[str, Any]], max_new_tokens: int = 256
+) -> list[str]:
+    """Greedy answers for one batch of rows (each with ``audio`` and ``text``), prompt stripped."""
+    batch = generation_collator(tokenizer, feature_extractor)(rows)
+    return generate_from_batch(model, tokenizer, batch, max_new_tokens)

@@ -89,6 +89,22 @@ def attach_speech_lora(model, lora_cfg: Any, path: str, revision: str | None = N
     return get_peft_model(model, peft_cfg)
 
 
+def compile_layers(model) -> int:
+    """Compile each decoder layer in place (regional compilation); returns how many.
+
+    The layers share one graph, compiled once with dynamic shapes at the first step, so no later batch length
+    recompiles it (batches are padded to a multiple of 8, so their alignment never changes either). The input
+    embeddings are made to require grad, so that the first layer's input is of the same kind as the others'
+    (else it needs graphs of its own).
+    Parameter names, checkpoints and the saved adapter are unchanged.
+    """
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    base.enable_input_require_grads()
+    for layer in base.model.layers:
+        layer.compile(dynamic=True)
+    return len(base.model.layers)
+
+
 def adapter_summary(model: PeftModel) -> dict[str, Any]:
     """The adapter's actual settings and the exact trainable parameter count and share."""
     trainable, total = model.get_nb_trainable_parameters()

@@ -31,6 +31,7 @@ from phi4_pron.io import write_json_atomic
 from phi4_pron.modeling import (
     adapter_summary,
     attach_speech_lora,
+    compile_layers,
     load_base_model,
     load_tokenizer_and_features,
     resolve_model_path,
@@ -128,6 +129,8 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
 
     model = load_base_model(model_path, cfg.model, cfg.hardware.attn_implementation)
     model = attach_speech_lora(model, cfg.lora, model_path, cfg.model.revision)
+    if cfg.hardware.compile:
+        log.info("compiled %d layers (the first steps compile them)", compile_layers(model))
     adapter = adapter_summary(model)
     log.info(
         "%s: %d trainable parameters of %d (%.3f%%)",

@@ -37,10 +37,7 @@ def test_target_answer():
         "total": 8,
         "transcript": "PETER IS GOOD",
         "phones": "P IY T ER IH G CH D",
-        "mispronunciations": [
-            {"word": "IS", "canonical": "Z", "pronounced": "<DEL>"},
-            {"word": "GOOD", "canonical": "UH", "pronounced": "CH"},
-        ],
+        "mispronunciations": [["IS", "Z", "<DEL>"], ["GOOD", "UH", "CH"]],
     }
     assert pronounced_phones(ROW["words"]) == ["P", "IY", "T", "ER", "IH", "G", "CH", "D"]
 

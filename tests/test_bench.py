@@ -8,6 +8,8 @@ import pytest
 import torch
 from conftest import run_cli
 
+TARGETS = r".*model\.layers\.\d+\.(self_attn\.(qkv_proj|o_proj)|mlp\.(gate_up_proj|down_proj))"
+
 
 @pytest.mark.parametrize("mode", ["train", "eval", "memory"])
 def test_bench_runs_on_the_tiny_model(mode, tmp_path):
@@ -36,7 +38,7 @@ def test_fused_answer_only_loss_equals_the_plain_loss(tiny_model_dir, tiny_proce
             "r": 8,
             "alpha": 16,
             "dropout": 0.0,
-            "target_modules": r".*model\.layers\.\d+\.(self_attn\.(qkv_proj|o_proj)|mlp\.(gate_up_proj|down_proj))",
+            "target_modules": TARGETS,
         }
     )
     model = attach_speech_lora(model, lora, path=str(tiny_model_dir)).eval()
@@ -62,3 +64,53 @@ def test_fused_answer_only_loss_equals_the_plain_loss(tiny_model_dir, tiny_proce
     with torch.no_grad():
         fast = trainer.compute_loss(trainer.model, dict(batch))
     assert fast.item() == pytest.approx(reference.item(), rel=1e-5)
+
+
+def test_compiled_layers_give_the_reference_loss_and_gradients(tiny_model_dir, tiny_processing, mini_train, tmp_path):
+    """The fast training path (compiled layers + TRL's fused answer-only LM head) against the plain eager one."""
+    import numpy as np
+    from omegaconf import OmegaConf
+    from transformers import AutoModelForCausalLM
+    from trl import SFTConfig, SFTTrainer
+
+    from phi4_pron.collator import PronunciationCollator
+    from phi4_pron.modeling import attach_speech_lora, compile_layers
+
+    tokenizer, fe = tiny_processing
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    lora = OmegaConf.create({"init": "fresh", "r": 8, "alpha": 16, "dropout": 0.0, "target_modules": TARGETS})
+    model = attach_speech_lora(model, lora, path=str(tiny_model_dir)).train()
+    for name, p in model.named_parameters():  # B = 0 would hide a wrong LoRA path
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.02)
+    batch = PronunciationCollator(tokenizer, fe)([mini_train[i] for i in range(4)])
+
+    def loss_and_grads(fn):
+        model.zero_grad()
+        np.random.seed(0)  # the audio encoder draws its streaming-mask layout in training mode
+        loss = fn()
+        loss.backward()
+        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    ref_loss, ref_grads = loss_and_grads(lambda: model(**batch).loss)
+    args = SFTConfig(
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        report_to=[],
+        remove_unused_columns=False,
+        dataset_kwargs={"skip_prepare_dataset": True},
+        max_length=None,
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=mini_train.select(range(2)),
+        data_collator=PronunciationCollator(tokenizer, fe),
+        processing_class=tokenizer,
+    )
+    assert compile_layers(model) == 2  # the tiny model's decoder layers
+    fast_loss, fast_grads = loss_and_grads(lambda: trainer.compute_loss(trainer.model, dict(batch)))
+    assert fast_loss == pytest.approx(ref_loss, rel=1e-5)
+    assert set(fast_grads) == set(ref_grads) and len(ref_grads) == 16
+    for name, g in ref_grads.items():
+        assert (fast_grads[name] - g).norm() <= 1e-4 * g.norm() + 1e-8, name

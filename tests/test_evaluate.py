@@ -49,6 +49,9 @@ def test_rescoring_saved_predictions_needs_no_model(tmp_path):
 
 
 def test_a_broken_recording_is_counted_not_fatal(run_dir, tmp_path):
+    """Also through DataLoader workers (the GPU presets' way): the failed batch is retried row by row."""
+    from phi4_pron.data import load_split
+
     corpus = tmp_path / "corpus"
     shutil.copytree(MINI, corpus)
     utt, rel = (corpus / "test" / "wav.scp").read_text().splitlines()[1].split()
@@ -63,14 +66,18 @@ def test_a_broken_recording_is_counted_not_fatal(run_dir, tmp_path):
             "eval.limit=4",
             "eval.max_new_tokens=8",
             "checkpoint=checkpoint-epoch-1",
+            "hardware=cpu",
+            "hardware.dataloader_num_workers=2",
             f"out_dir={tmp_path / 'ev'}",  # leave the run's own per-epoch results alone
         ]
     )
     out = tmp_path / "ev"
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["n_utterances"] == 4 and metrics["n_failed"] == 1
-    failed = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines() if '"error": "' in x]
-    assert failed[0]["id"] == utt and "cannot decode" in failed[0]["error"]
+    records = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in records] == load_split(str(corpus), "test")["id"][:4]  # the split's order, kept
+    failed = [r for r in records if r["error"]]
+    assert len(failed) == 1 and failed[0]["id"] == utt and "cannot decode" in failed[0]["error"]
 
 
 def test_evaluate_names_a_missing_checkpoint(run_dir):
