@@ -321,11 +321,9 @@ CANDIDATES = {
 
 def preset_settings(with_candidates: bool = True) -> list[dict[str, Any]]:
     """Each hardware preset's per-device settings (and fallbacks) x each LoRA config."""
-    import yaml
-
     out = []
     for preset in CARD_GIB:
-        hw = yaml.safe_load((REPO_ROOT / "conf" / "hardware" / f"{preset}.yaml").read_text())
+        hw = _preset(preset)
         options = [(hw["per_device_train_batch_size"], hw["gradient_checkpointing"], "preset")]
         options += [(b, c, "candidate") for b, c in CANDIDATES[preset]] if with_candidates else []
         for batch, ckpt, kind in options:
@@ -448,92 +446,6 @@ EVAL_SETTINGS = [  # the original way first (the baseline), then the framework's
 ]
 
 
-def profile(tokenizer, feature_extractor, tiny: bool, batch: int, r: int, steps: int) -> list[dict[str, Any]]:
-    """Where a training step's time goes: collation (CPU), the SFTTrainer step, a plain HF-loss step."""
-    from datasets import Dataset
-    from omegaconf import OmegaConf
-    from trl import SFTConfig, SFTTrainer
-
-    from phi4_pron.collator import PronunciationCollator
-    from phi4_pron.modeling import attach_speech_lora
-
-    out = []
-    rows = synthetic_rows(batch, seed=3)
-    collator = PronunciationCollator(tokenizer, feature_extractor)
-    t0 = time.perf_counter()
-    for _ in range(3):
-        cpu_batch = collator(rows)
-    out.append({"what": "collate on CPU (one process)", "batch": batch, "s": (time.perf_counter() - t0) / 3})
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    for dropout in (0.05, 0.0):
-        _free()
-        model = build_model(tokenizer, tiny, "sdpa")
-        lora = OmegaConf.create(
-            {"init": "fresh", "r": r, "alpha": 2 * r, "dropout": dropout, "target_modules": LORA_TARGETS}
-        )
-        model = attach_speech_lora(model, lora, path="")
-        with tempfile.TemporaryDirectory() as tmp:
-            args = SFTConfig(
-                output_dir=tmp,
-                bf16=device == "cuda",
-                use_cpu=device == "cpu",
-                report_to=[],
-                remove_unused_columns=False,
-                dataset_kwargs={"skip_prepare_dataset": True},
-                max_length=None,
-                per_device_train_batch_size=batch,
-            )
-            trainer = SFTTrainer(
-                model=model,
-                args=args,
-                train_dataset=Dataset.from_list(rows[:2]),
-                data_collator=collator,
-                processing_class=tokenizer,
-            )
-            trainer.create_optimizer_and_scheduler(num_training_steps=100)
-            trainer.current_gradient_accumulation_steps = 1
-            gpu_batch = {k: v.to(device) for k, v in cpu_batch.items()}
-            for name in ("SFTTrainer.training_step (fused LM head)", "plain forward(labels).loss.backward()"):
-
-                def fn(name=name, trainer=trainer, gpu_batch=gpu_batch):
-                    if name.startswith("SFT"):
-                        return trainer.training_step(trainer.model, dict(gpu_batch))
-                    return _plain_step(trainer, gpu_batch)
-
-                for _ in range(2):
-                    fn()
-                _sync()
-                t0 = time.perf_counter()
-                for _ in range(steps):
-                    fn()
-                _sync()
-                out.append(
-                    {
-                        "what": name,
-                        "dropout": dropout,
-                        "batch": batch,
-                        "r": r,
-                        "s": (time.perf_counter() - t0) / steps,
-                        "peak_gib": torch.cuda.max_memory_reserved() / 2**30 if device == "cuda" else math.nan,
-                    }
-                )
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                trainer.optimizer.step()
-                trainer.optimizer.zero_grad()
-            _sync()
-            out.append({"what": "optimizer.step", "dropout": dropout, "r": r, "s": (time.perf_counter() - t0) / steps})
-        del trainer, model
-        _free()
-    return out
-
-
-def _plain_step(trainer, batch):
-    with trainer.accelerator.autocast():
-        loss = trainer.model(**batch).loss
-    loss.backward()
-
-
 def markdown(results: list[dict[str, Any]], columns: list[str]) -> str:
     def fmt(v):
         return f"{v:.3g}" if isinstance(v, float) else str(v)
@@ -589,7 +501,7 @@ def main(argv: list[str] | None = None) -> None:
     from transformers import Phi4MultimodalFeatureExtractor
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("mode", choices=["train", "memory", "eval", "profile"])
+    p.add_argument("mode", choices=["train", "memory", "eval"])
     p.add_argument("--tiny", action="store_true", help="tiny model on the CPU: checks the code path, not speed")
     p.add_argument("--steps", type=int, default=8, help="timed optimizer steps per setting")
     p.add_argument("--warmup", type=int, default=3)
@@ -602,12 +514,6 @@ def main(argv: list[str] | None = None) -> None:
 
     tokenizer = bench_tokenizer(a.tiny)
     fe = Phi4MultimodalFeatureExtractor()
-    if a.mode == "profile":
-        for row in profile(
-            tokenizer, fe, a.tiny, batch=2 if a.tiny else 32, r=8 if a.tiny else 64, steps=1 if a.tiny else a.steps
-        ):
-            print(json.dumps(row), flush=True)
-        return
     settings = {"train": TRAIN_SETTINGS, "memory": preset_settings(not a.no_candidates), "eval": EVAL_SETTINGS}[a.mode]
     if a.tiny:  # small shapes: the CPU only checks that every path runs
         settings = [

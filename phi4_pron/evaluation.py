@@ -49,16 +49,17 @@ def reference(row: dict[str, Any]) -> dict[str, Any]:
 
 
 class _CollateOrError:
-    """The generation collator, run in DataLoader workers; a failure comes back as the exception."""
+    """Runs in DataLoader workers: (the rows without their audio, the batch or the exception collating raised)."""
 
     def __init__(self, collator):
         self.collator = collator
 
     def __call__(self, rows):
+        meta = [{k: v for k, v in r.items() if k != "audio"} for r in rows]
         try:
-            return self.collator(rows)
+            return meta, self.collator(rows)
         except Exception as e:  # noqa: BLE001 - the main process retries the batch row by row
-            return e
+            return meta, e
 
 
 def _texts(dataset) -> list[str]:
@@ -94,15 +95,14 @@ def generate_records(
     )
     records: list[dict[str, Any] | None] = [None] * len(texts)
     bar = tqdm(total=len(texts), desc="evaluating", unit="utt", disable=not progress)
-    for indices, batch in zip(index_batches, loader, strict=True):
-        rows = [dataset[i] for i in indices]
+    for indices, (rows, batch) in zip(index_batches, loader, strict=True):
         try:
             if isinstance(batch, Exception):
                 raise batch
             answers: list[str | Exception] = generate_from_batch(model, tokenizer, batch, max_new_tokens)
-        except Exception:  # find the culprit(s): retry one by one
+        except Exception:  # find the culprit(s): retry one by one, reading the rows (audio too) again
             answers = []
-            for row in rows:
+            for row in (dataset[i] for i in indices):
                 try:
                     answers += generate_answers(model, tokenizer, feature_extractor, [row], max_new_tokens)
                 except Exception as e:

@@ -21,31 +21,25 @@ def test_bench_runs_on_the_tiny_model(mode, tmp_path):
     assert (tmp_path / f"{mode}.md").read_text().startswith("| setting")
 
 
-def test_fused_answer_only_loss_equals_the_plain_loss(tiny_model_dir, tiny_processing, mini_train, tmp_path):
-    """TRL's fused LM head (loss over answer positions only) gives the model's own full-logits loss."""
+def _tiny_lora_model(tiny_model_dir):
+    """The tiny model in fp32 with a fresh r8 LoRA, no dropout."""
     from omegaconf import OmegaConf
     from transformers import AutoModelForCausalLM
+
+    from phi4_pron.modeling import attach_speech_lora
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    lora = OmegaConf.create({"init": "fresh", "r": 8, "alpha": 16, "dropout": 0.0, "target_modules": TARGETS})
+    return attach_speech_lora(model, lora, path=str(tiny_model_dir))
+
+
+def _cpu_trainer(model, tiny_processing, mini_train, tmp_path):
+    """TRL's SFTTrainer as the framework builds it (fused answer-only LM head), on the CPU."""
     from trl import SFTConfig, SFTTrainer
 
     from phi4_pron.collator import PronunciationCollator
-    from phi4_pron.modeling import attach_speech_lora
 
     tokenizer, fe = tiny_processing
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    lora = OmegaConf.create(
-        {
-            "init": "fresh",
-            "r": 8,
-            "alpha": 16,
-            "dropout": 0.0,
-            "target_modules": TARGETS,
-        }
-    )
-    model = attach_speech_lora(model, lora, path=str(tiny_model_dir)).eval()
-    collator = PronunciationCollator(tokenizer, fe)
-    batch = collator([mini_train[i] for i in range(4)])
-    with torch.no_grad():
-        reference = model(**batch).loss
     args = SFTConfig(
         output_dir=str(tmp_path),
         use_cpu=True,
@@ -54,13 +48,28 @@ def test_fused_answer_only_loss_equals_the_plain_loss(tiny_model_dir, tiny_proce
         dataset_kwargs={"skip_prepare_dataset": True},
         max_length=None,
     )
-    trainer = SFTTrainer(
+    return SFTTrainer(
         model=model,
         args=args,
         train_dataset=mini_train.select(range(2)),
-        data_collator=collator,
+        data_collator=PronunciationCollator(tokenizer, fe),
         processing_class=tokenizer,
     )
+
+
+def _batch(tiny_processing, mini_train):
+    from phi4_pron.collator import PronunciationCollator
+
+    return PronunciationCollator(*tiny_processing)([mini_train[i] for i in range(4)])
+
+
+def test_fused_answer_only_loss_equals_the_plain_loss(tiny_model_dir, tiny_processing, mini_train, tmp_path):
+    """TRL's fused LM head (loss over answer positions only) gives the model's own full-logits loss."""
+    model = _tiny_lora_model(tiny_model_dir).eval()
+    batch = _batch(tiny_processing, mini_train)
+    with torch.no_grad():
+        reference = model(**batch).loss
+    trainer = _cpu_trainer(model, tiny_processing, mini_train, tmp_path)
     with torch.no_grad():
         fast = trainer.compute_loss(trainer.model, dict(batch))
     assert fast.item() == pytest.approx(reference.item(), rel=1e-5)
@@ -69,21 +78,14 @@ def test_fused_answer_only_loss_equals_the_plain_loss(tiny_model_dir, tiny_proce
 def test_compiled_layers_give_the_reference_loss_and_gradients(tiny_model_dir, tiny_processing, mini_train, tmp_path):
     """The fast training path (compiled layers + TRL's fused answer-only LM head) against the plain eager one."""
     import numpy as np
-    from omegaconf import OmegaConf
-    from transformers import AutoModelForCausalLM
-    from trl import SFTConfig, SFTTrainer
 
-    from phi4_pron.collator import PronunciationCollator
-    from phi4_pron.modeling import attach_speech_lora, compile_layers
+    from phi4_pron.modeling import compile_layers
 
-    tokenizer, fe = tiny_processing
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    lora = OmegaConf.create({"init": "fresh", "r": 8, "alpha": 16, "dropout": 0.0, "target_modules": TARGETS})
-    model = attach_speech_lora(model, lora, path=str(tiny_model_dir)).train()
+    model = _tiny_lora_model(tiny_model_dir).train()
     for name, p in model.named_parameters():  # B = 0 would hide a wrong LoRA path
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.02)
-    batch = PronunciationCollator(tokenizer, fe)([mini_train[i] for i in range(4)])
+    batch = _batch(tiny_processing, mini_train)
 
     def loss_and_grads(fn):
         model.zero_grad()
@@ -93,21 +95,7 @@ def test_compiled_layers_give_the_reference_loss_and_gradients(tiny_model_dir, t
         return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
     ref_loss, ref_grads = loss_and_grads(lambda: model(**batch).loss)
-    args = SFTConfig(
-        output_dir=str(tmp_path),
-        use_cpu=True,
-        report_to=[],
-        remove_unused_columns=False,
-        dataset_kwargs={"skip_prepare_dataset": True},
-        max_length=None,
-    )
-    trainer = SFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=mini_train.select(range(2)),
-        data_collator=PronunciationCollator(tokenizer, fe),
-        processing_class=tokenizer,
-    )
+    trainer = _cpu_trainer(model, tiny_processing, mini_train, tmp_path)
     assert compile_layers(model) == 2  # the tiny model's decoder layers
     fast_loss, fast_grads = loss_and_grads(lambda: trainer.compute_loss(trainer.model, dict(batch)))
     assert fast_loss == pytest.approx(ref_loss, rel=1e-5)
