@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from phi4_pron.config import REPO_ROOT
+from phi4_pron.data import SAMPLING_RATE
 
 MINI = REPO_ROOT / "data" / "speechocean762-mini"
 EPOCH_UTTERANCES = 2500  # speechocean762 train (and test) split size
@@ -77,8 +78,10 @@ def build_model(tokenizer, tiny: bool, attn: str):
     """A random-weight Phi4MultimodalForCausalLM: the real sizes, or the tiny test sizes."""
     from transformers import Phi4MultimodalConfig, Phi4MultimodalForCausalLM
 
+    from phi4_pron.modeling import keep_sdpa_off_cudnn
     from phi4_pron.tiny_model import build_config
 
+    keep_sdpa_off_cudnn()
     if tiny:
         config = build_config(tokenizer)
     else:
@@ -102,19 +105,43 @@ def build_model(tokenizer, tiny: bool, attn: str):
 
 
 def synthetic_rows(n: int, seed: int, seconds: float | None = None) -> list[dict[str, Any]]:
-    """Corpus texts and annotations (real) with noise audio: 4.1 s mean (gamma) or exactly ``seconds``."""
+    """Corpus texts and annotations (real) with noise audio, ``seconds`` long or as long as real speech.
+
+    Real: the duration of the corpus's own recording of the same text times a log-normal factor (sigma 0.25, another
+    speaker's pace), scaled to the train split's mean of 4.1 s, so that longer texts take longer, as in the corpus.
+    """
+    import wave
+
     from phi4_pron.data import load_split
 
     rng = np.random.default_rng(seed)
-    corpus = load_split(str(MINI), "train").remove_columns("audio").to_list()
+    corpus = load_split(str(MINI), "train")
+    spoken = []
+    for audio in corpus["audio"]:  # the corpus's WAV headers (no torchcodec needed on the benchmark machine)
+        with wave.open(audio["path"]) as w:
+            spoken.append(w.getnframes() / w.getframerate())
+    spoken = np.array(spoken)
+    corpus = corpus.remove_columns("audio").to_list()
+    durations = spoken[np.arange(n) % len(corpus)] * rng.lognormal(0.0, 0.25, n)
+    durations = np.clip(durations * 4.1 / durations.mean(), 1.0, 20.0)
     rows = []
     for i in range(n):
         row = dict(corpus[i % len(corpus)])
-        dur = seconds if seconds else float(np.clip(rng.gamma(shape=8.0, scale=4.1 / 8.0), 1.0, 20.0))
-        row["audio"] = (rng.standard_normal(int(dur * 16000)) * 0.05).astype(np.float32)
+        dur = seconds or float(durations[i])
+        row["audio"] = (rng.standard_normal(int(dur * SAMPLING_RATE)) * 0.05).astype(np.float32)
         row["id"] = f"bench-{i:05d}"
         rows.append(row)
     return rows
+
+
+def padding_of(trainer, tokens: list[int], batch: int, steps: int) -> tuple[float, float]:
+    """Mean real tokens per sample and padded/real - 1 over the run's first ``steps`` batches (the sampler's order)."""
+    order = list(trainer._get_train_sampler(trainer.train_dataset))[: batch * steps]
+    real = padded = 0
+    for i in range(0, len(order), batch):
+        n = [tokens[j] for j in order[i : i + batch]]
+        real, padded = real + sum(n), padded + -(-max(n) // 8) * 8 * len(n)
+    return real / len(order), padded / real - 1
 
 
 def lm_params(model) -> int:
@@ -148,6 +175,41 @@ class StepTimer:
         self.callback = _CB()
 
 
+class StepProfiler:
+    """Trainer callback: torch.profiler over two optimizer steps after the warm-up; a kernel table and GPU busy time."""
+
+    def __init__(self, first_step: int, steps: int = 2):
+        from transformers import TrainerCallback
+
+        self.first, self.last, self.table, self.busy_s = first_step, first_step + steps, "", math.nan
+        prof = self
+
+        class _CB(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kw):
+                if state.global_step == prof.first:
+                    from torch.profiler import ProfilerActivity, profile
+
+                    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+                    prof.profiler = profile(activities=acts)
+                    prof.profiler.__enter__()
+
+            def on_step_end(self, args, state, control, **kw):
+                if state.global_step == prof.last and hasattr(prof, "profiler"):
+                    _sync()
+                    prof.profiler.__exit__(None, None, None)
+                    prof.summarise(prof.profiler, state.global_step - prof.first)
+
+        self.callback = _CB()
+
+    def summarise(self, p, steps: int) -> None:
+        from torch.autograd import DeviceType
+
+        kernels = [e for e in p.events() if e.device_type == DeviceType.CUDA]
+        self.busy_s = sum(e.time_range.elapsed_us() for e in kernels) / 1e6 / steps if kernels else math.nan
+        key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+        self.table = p.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=90)
+
+
 def _sync():
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -168,6 +230,7 @@ def run_training_setting(
     steps: int,
     warmup: int,
     seconds: float | None = None,
+    profile: Path | None = None,
 ) -> dict[str, Any]:
     """Train ``warmup + steps`` optimizer steps (no accumulation) with the framework's trainer and collator."""
     from datasets import Dataset
@@ -218,28 +281,34 @@ def run_training_setting(
     model = attach_speech_lora(model, lora, path="")
     if setting.get("compile"):
         compile_layers(model)
-    rows = synthetic_rows(setting["batch"] * (warmup + steps), seed=1, seconds=seconds)
+    # a whole epoch's rows, so that length grouping sees what it sees in training (memory mode, tiny: just enough)
+    n_rows = setting["batch"] * (warmup + steps) if seconds or tiny else EPOCH_UTTERANCES
+    rows = synthetic_rows(n_rows, seed=1, seconds=seconds)
     collator = PronunciationCollator(tokenizer, feature_extractor)
-    sample = collator(rows[: setting["batch"]])
+    tokens = [collator.num_tokens(r, len(r["audio"]) / SAMPLING_RATE) for r in rows]
+    # the grouping key: the framework's (data.with_lengths + collator.num_tokens), or the previous one (duration)
+    lengths = [len(r["audio"]) // 160 for r in rows] if setting.get("group_by") == "duration" else tokens
+    sample = collator(rows[:64])  # the answer and audio shares of the tokens
     n_audio = float(sample["audio_embed_sizes"].float().mean())
-    n_tokens = float(sample["attention_mask"].sum(1).float().mean())
     n_answer = float((sample["labels"] != -100).sum(1).float().mean())
     with tempfile.TemporaryDirectory() as tmp:
         args = sft_config(cfg, Path(tmp), 1)
         args.save_strategy = "no"
         args.report_to = []
         timer = StepTimer()
+        profiler = StepProfiler(warmup + 1) if profile else None
         trainer = SFTTrainer(
             model=model,
             args=args,
-            train_dataset=Dataset.from_list([{**r, "length": len(r["audio"]) // 160} for r in rows]),
+            train_dataset=Dataset.from_list([{**r, "length": n} for r, n in zip(rows, lengths, strict=True)]),
             data_collator=collator,
             processing_class=tokenizer,
-            callbacks=[timer.callback],
+            callbacks=[timer.callback, *([profiler.callback] if profiler else [])],
         )
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         trainer.train()
+        n_tokens, padding = padding_of(trainer, tokens, setting["batch"], warmup + steps)
     # wall time per step after the warm-up (compilation) steps, data loading included
     step_s = (timer.ends[-1] - timer.ends[warmup - 1]) / steps if len(timer.ends) > warmup else math.nan
     tokens_per_step = n_tokens * setting["batch"]
@@ -254,10 +323,16 @@ def run_training_setting(
         "peak_gib": torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available() else math.nan,
         "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else math.nan,
         "tokens_per_sample": round(n_tokens, 1),
+        "padding": round(padding, 3),
         "audio_tokens": round(n_audio, 1),
         "answer_tokens": round(n_answer, 1),
         "trainable_params": model.get_nb_trainable_parameters()[0],
     }
+    if profiler:
+        from phi4_pron.io import write_text_atomic
+
+        result["gpu_busy_s_per_step"] = profiler.busy_s
+        write_text_atomic(profile, f"{setting['setting']} ({setting['lora']})\n{profiler.table}")
     del trainer, model
     _free()
     return result
@@ -443,6 +518,7 @@ EVAL_SETTINGS = [  # the original way first (the baseline), then the framework's
     _eval("original: generate, LoRA unmerged, batch 8, in order, 128 new tokens", 8, 16, merged=False, workers=0),
     _eval("framework: merged, batch 256, by length, 8 workers, 128 new tokens (upper bound)", 256, 2500),
     _eval("framework: merged, batch 256, by length, 8 workers, reference-length answers", 256, 2500, answer_lengths=1),
+    _eval("framework: merged, batch 512, by length, 8 workers, reference-length answers", 512, 2500, answer_lengths=1),
 ]
 
 
@@ -466,6 +542,7 @@ COLUMNS = {
         "tflops",
         "peak_gib",
         "tokens_per_sample",
+        "padding",
         "audio_tokens",
         "answer_tokens",
     ],
@@ -503,13 +580,14 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("mode", choices=["train", "memory", "eval"])
     p.add_argument("--tiny", action="store_true", help="tiny model on the CPU: checks the code path, not speed")
-    p.add_argument("--steps", type=int, default=8, help="timed optimizer steps per setting")
+    p.add_argument("--steps", type=int, default=20, help="timed optimizer steps per setting")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--eval-n", type=int, default=512, help="utterances per eval setting without its own n")
     p.add_argument("--max-seconds", type=float, default=15.0, help="audio length of every sample in memory mode")
     p.add_argument("--only", type=int, nargs="*", help="indices of the settings to run")
     p.add_argument("--no-candidates", action="store_true", help="memory: the presets' own settings only")
     p.add_argument("--out", type=Path, help="folder for <mode>.json and <mode>.md")
+    p.add_argument("--profile", action="store_true", help="train: kernel tables in <out>/profile-<i>.txt (2 steps)")
     a = p.parse_args(argv)
 
     tokenizer = bench_tokenizer(a.tiny)
@@ -537,9 +615,10 @@ def main(argv: list[str] | None = None) -> None:
                     tokenizer,
                     fe,
                     a.tiny,
-                    steps=1 if a.tiny else a.steps,
+                    steps=min(a.steps, 3) if a.tiny else a.steps,
                     warmup=1 if a.tiny else a.warmup,
                     seconds=a.max_seconds if a.mode == "memory" else None,
+                    profile=(a.out or Path(".")) / f"profile-{len(results)}.txt" if a.profile else None,
                 )
         except torch.cuda.OutOfMemoryError as e:
             r = {**s, "error": f"out of memory: {str(e)[:160]}", "peak_gib": math.inf}

@@ -42,12 +42,43 @@ class PronunciationCollator:
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
+    def num_tokens(self, row: dict[str, Any], seconds: float) -> int:
+        """The length of the row's sequence (audio embeddings + prompt [+ answer]) from the recording's duration,
+        without decoding it: the key for length-grouped batches."""
+        fe = self.feature_extractor
+        frames = (round(seconds * SAMPLING_RATE) - fe.win_length) // fe.hop_length + 1
+        per_embedding = fe.audio_compression_rate * fe.audio_downsample_rate  # frames per audio embedding
+        n_audio = -(-frames * fe.audio_feat_stride // per_embedding)  # rounded up, as the extractor does
+        answer = len(self._ids(target_answer(row) + self.answer_suffix)) if self.with_answer else 0
+        return len(self._ids(prompt_text(row["text"]))) - 1 + n_audio + answer
+
+    def _audio_features(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """Log-mel features of each recording alone, zero-padded to the longest, with their mask (batches of 2+).
+
+        One at a time because the extractor's batched path fails when a recording is a few samples shorter than
+        the longest (its frame masking slices past the last frame; transformers 5.23); alone, a recording's
+        features also never depend on its batch mates. Padding frames are zero, as the extractor's own padding frames.
+        """
+        single = [
+            self.feature_extractor(
+                [decode_audio(r["audio"], r.get("id", "?"))], sampling_rate=SAMPLING_RATE, return_tensors="pt"
+            )
+            for r in rows
+        ]
+        lengths = torch.tensor([f["audio_input_features"].shape[1] for f in single])
+        features = torch.zeros(len(rows), int(lengths.max()), single[0]["audio_input_features"].shape[-1])
+        for i, f in enumerate(single):
+            features[i, : lengths[i]] = f["audio_input_features"][0]
+        out = {
+            "audio_input_features": features,
+            "audio_embed_sizes": torch.cat([f["audio_embed_sizes"] for f in single]),
+        }
+        if len(rows) > 1:  # as the extractor: no mask for a batch of one
+            out["audio_attention_mask"] = torch.arange(int(lengths.max()))[None, :] < lengths[:, None]
+        return out
+
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        audio = self.feature_extractor(
-            [decode_audio(r["audio"], r.get("id", "?")) for r in rows],
-            sampling_rate=SAMPLING_RATE,
-            return_tensors="pt",
-        )
+        audio = self._audio_features(rows)
         sequences, label_seqs = [], []
         for row, n_audio in zip(rows, audio["audio_embed_sizes"].tolist(), strict=True):
             prompt = self._ids(prompt_text(row["text"]))
@@ -67,11 +98,7 @@ class PronunciationCollator:
         batch["attention_mask"] = self._pad([[1] * len(s) for s in sequences], 0)
         if self.with_answer:
             batch["labels"] = self._pad(label_seqs, IGNORE_INDEX)
-        batch["audio_input_features"] = audio["audio_input_features"]
-        batch["audio_embed_sizes"] = audio["audio_embed_sizes"]
-        if "audio_attention_mask" in audio:  # the extractor gives none for a batch of one
-            batch["audio_attention_mask"] = audio["audio_attention_mask"]
-        return batch
+        return {**batch, **audio}
 
     def _pad(self, seqs: list[list[int]], value: int) -> torch.Tensor:
         width = -(-max(len(s) for s in seqs) // self.pad_to_multiple_of) * self.pad_to_multiple_of

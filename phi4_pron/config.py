@@ -75,7 +75,7 @@ class DataConfig:
     train_split: str = "train"
     eval_split: str = "test"
     max_train_samples: int | None = None
-    group_by_length: bool = True  # batch recordings of similar duration together (less padding)
+    group_by_length: bool = True  # batch utterances of similar token length (audio + text) together: less padding
 
 
 @dataclass
@@ -86,7 +86,7 @@ class HardwareConfig:
     per_device_eval_batch_size: int = 32
     attn_implementation: str = "sdpa"
     gradient_checkpointing: bool = False
-    compile: bool = False  # torch.compile each decoder layer and audio block (one compile, then faster steps)
+    compile: bool = False  # torch.compile each decoder layer (one compile per run, then faster steps)
     bf16: bool = True
     dataloader_num_workers: int = 4
 

@@ -50,7 +50,16 @@ def load_tokenizer_and_features(path: str, revision: str | None = None):
     return tokenizer, feature_extractor
 
 
+def keep_sdpa_off_cudnn() -> None:
+    """SDPA's cuDNN attention builds a new plan for each new sequence length (about 2 ms of CPU per layer call on an
+    H100, measured: the GPU waits), and lengths change with every batch and every decoding step; the flash and
+    memory-efficient kernels do not."""
+    if torch.cuda.is_available():
+        torch.backends.cuda.enable_cudnn_sdp(False)
+
+
 def load_base_model(path: str, model_cfg: Any, attn_implementation: str):
+    keep_sdpa_off_cudnn()
     return AutoModelForCausalLM.from_pretrained(
         path,
         revision=model_cfg.revision,
@@ -90,19 +99,21 @@ def attach_speech_lora(model, lora_cfg: Any, path: str, revision: str | None = N
 
 
 def compile_layers(model) -> int:
-    """Compile each decoder layer in place (regional compilation); returns how many.
+    """Compile each decoder layer and each (frozen) audio conformer layer in place; returns how many.
 
-    The layers share one graph, compiled once with dynamic shapes at the first step, so no later batch length
-    recompiles it (batches are padded to a multiple of 8, so their alignment never changes either). The input
+    The decoder layers share one graph (the audio layers two: the first takes bf16, the others the fp32 of a layer
+    norm under autocast), compiled with dynamic shapes at the first step, so no later batch length recompiles
+    them (batches are padded to a multiple of 8, so their alignment never changes either). The input
     embeddings are made to require grad, so that the first layer's input is of the same kind as the others'
     (else it needs graphs of its own).
     Parameter names, checkpoints and the saved adapter are unchanged.
     """
     base = model.get_base_model() if isinstance(model, PeftModel) else model
     base.enable_input_require_grads()
-    for layer in base.model.layers:
+    layers = [*base.model.layers, *base.model.embed_tokens_extend.audio_embed.encoder.encoders]
+    for layer in layers:
         layer.compile(dynamic=True)
-    return len(base.model.layers)
+    return len(layers)
 
 
 def adapter_summary(model: PeftModel) -> dict[str, Any]:

@@ -89,7 +89,7 @@ def sft_config(cfg: DictConfig, run_dir: Path, world_size: int) -> SFTConfig:
         gradient_checkpointing=hw.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
         dataloader_num_workers=hw.dataloader_num_workers,
-        # batches of similar length: little padding (the ``length`` column is the recording's duration)
+        # batches of similar length: little padding (the ``length`` column is the sequence's token count)
         train_sampling_strategy="group_by_length" if cfg.data.group_by_length else "random",
         length_column_name="length",
         save_strategy="epoch",
@@ -124,7 +124,8 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
     model_path = resolve_model_path(cfg.model)
     tokenizer, feature_extractor = load_tokenizer_and_features(model_path, cfg.model.revision)
     train_ds = load_split(cfg.data.path, cfg.data.train_split, cfg.data.revision, cfg.data.max_train_samples)
-    train_ds = with_lengths(train_ds)
+    collator = PronunciationCollator(tokenizer, feature_extractor, max_length=cfg.model.max_length)
+    train_ds = with_lengths(train_ds, collator.num_tokens)  # batches of similar token length
     args = sft_config(cfg, run_dir, world_size)
 
     model = load_base_model(model_path, cfg.model, cfg.hardware.attn_implementation)
@@ -167,7 +168,6 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
     if dist.is_main_process():  # one writer per run folder
         write_json_atomic(run_dir / "training_config.json", record)
 
-    collator = PronunciationCollator(tokenizer, feature_extractor, max_length=cfg.model.max_length)
     tb = tensorboard_callback(cfg, run_dir)
     wandb_name, wandb_group = wandb_identity(cfg.run_name)
     wandb_run = start_wandb(cfg, run_dir, job_type="train", name=wandb_name, group=wandb_group)

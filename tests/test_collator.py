@@ -46,3 +46,44 @@ def test_too_long_input_is_refused_clearly(tiny_processing, mini_train):
     tokenizer, fe = tiny_processing
     with pytest.raises(ValueError, match="model.max_length=50"):
         PronunciationCollator(tokenizer, fe, max_length=50)([mini_train[0]])
+
+
+def test_token_count_from_duration_matches_the_batch(tiny_processing, mini_train):
+    """The length-grouping key (computed from the duration, audio not decoded) is the collated length."""
+    from phi4_pron.data import SAMPLING_RATE, decode_audio
+
+    tokenizer, fe = tiny_processing
+    collator = PronunciationCollator(tokenizer, fe)
+    for i in (0, 5, 7, 12):
+        row = mini_train[i]
+        n = len(decode_audio(row["audio"]))
+        batch = collator([row])
+        assert collator.num_tokens(row, n / SAMPLING_RATE) == int(batch["attention_mask"].sum())
+
+
+def test_features_of_nearly_equal_lengths(tiny_processing, mini_train):
+    """Recordings 7 samples apart (the extractor's batched path fails on them): each row's features are its own."""
+    from phi4_pron.data import decode_audio
+
+    tokenizer, fe = tiny_processing
+    wave = decode_audio(mini_train[0]["audio"])[:48007]
+    rows = [
+        {**mini_train[0], "audio": wave},
+        {**mini_train[1], "audio": wave[:48000]},
+        {**mini_train[2], "audio": wave[:20000]},
+    ]
+    batch = PronunciationCollator(tokenizer, fe)(rows)
+    for i, row in enumerate(rows):
+        alone = fe([row["audio"]], sampling_rate=16000, return_tensors="pt")["audio_input_features"][0]
+        n = alone.shape[0]
+        assert torch.equal(batch["audio_input_features"][i, :n], alone)
+        assert int(batch["audio_attention_mask"][i].sum()) == n and not batch["audio_input_features"][i, n:].any()
+
+
+def test_length_key_is_the_token_count(tiny_processing, mini_train):
+    """``with_lengths`` + ``num_tokens`` (from the WAV header's duration) give each row's collated length."""
+    from phi4_pron.data import with_lengths
+
+    collator = PronunciationCollator(*tiny_processing)
+    ds = with_lengths(mini_train.select(range(3)), collator.num_tokens)
+    assert ds["length"] == [int(collator([row])["attention_mask"].sum()) for row in ds]
