@@ -134,14 +134,14 @@ def synthetic_rows(n: int, seed: int, seconds: float | None = None) -> list[dict
     return rows
 
 
-def padding_of(trainer, tokens: list[int], batch: int, steps: int, multiple: int) -> tuple[float, float]:
+def padding_of(trainer, tokens: list[int], batch: int, steps: int) -> tuple[float, float]:
     """Mean real tokens per sample and padded/real - 1 over the run's first ``steps`` batches (the sampler's order),
-    each batch padded to a ``multiple`` of its longest row."""
+    each batch as wide as the trainer's collator pads it."""
     order = list(trainer._get_train_sampler(trainer.train_dataset))[: batch * steps]
     real = padded = 0
     for i in range(0, len(order), batch):
         n = [tokens[j] for j in order[i : i + batch]]
-        real, padded = real + sum(n), padded + -(-max(n) // multiple) * multiple * len(n)
+        real, padded = real + sum(n), padded + trainer.data_collator.padded_length(max(n)) * len(n)
     return real / len(order), padded / real - 1
 
 
@@ -309,7 +309,7 @@ def run_training_setting(
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         trainer.train()
-        n_tokens, padding = padding_of(trainer, tokens, setting["batch"], warmup + steps, collator.pad_to_multiple_of)
+        n_tokens, padding = padding_of(trainer, tokens, setting["batch"], warmup + steps)
     # wall time per step after the warm-up (compilation) steps, data loading included
     step_s = (timer.ends[-1] - timer.ends[warmup - 1]) / steps if len(timer.ends) > warmup else math.nan
     tokens_per_step = n_tokens * setting["batch"]

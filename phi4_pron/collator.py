@@ -13,6 +13,11 @@ from phi4_pron.data import SAMPLING_RATE, decode_audio
 IGNORE_INDEX = -100
 
 
+def pad_token_id(tokenizer) -> int:
+    """The tokenizer's pad token, or its EOS where it has none."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 @dataclass
 class PronunciationCollator:
     """Turns corpus rows into model inputs.
@@ -34,13 +39,23 @@ class PronunciationCollator:
         self.audio_token_id = self.tokenizer.convert_tokens_to_ids(AUDIO_PLACEHOLDER)
         if self.audio_token_id is None or self.audio_token_id == self.tokenizer.unk_token_id:
             raise ValueError(f"the tokenizer has no {AUDIO_PLACEHOLDER} token: is this a Phi-4-multimodal tokenizer?")
-        self.pad_token_id = self.tokenizer.pad_token_id
-        if self.pad_token_id is None:
-            self.pad_token_id = self.tokenizer.eos_token_id
+        self.pad_token_id = pad_token_id(self.tokenizer)
         self.answer_suffix = END + self.tokenizer.eos_token
 
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _sequence(self, row: dict[str, Any], n_audio: int) -> tuple[list[int], list[int]]:
+        """The prompt's ids (its ``<|audio|>`` as ``n_audio`` placeholders) and the answer's (empty for generation)."""
+        prompt = self._ids(prompt_text(row["text"]))
+        at = prompt.index(self.audio_token_id)
+        prompt = prompt[:at] + [self.audio_token_id] * n_audio + prompt[at + 1 :]
+        answer = self._ids(target_answer(row) + self.answer_suffix) if self.with_answer else []
+        return prompt, answer
+
+    def padded_length(self, n: int) -> int:
+        """A batch's width for its longest sequence of ``n`` tokens."""
+        return -(-n // self.pad_to_multiple_of) * self.pad_to_multiple_of
 
     def num_tokens(self, row: dict[str, Any], seconds: float) -> int:
         """The length of the row's sequence (audio embeddings + prompt [+ answer]) from the recording's duration,
@@ -49,8 +64,7 @@ class PronunciationCollator:
         frames = (round(seconds * SAMPLING_RATE) - fe.win_length) // fe.hop_length + 1
         per_embedding = fe.audio_compression_rate * fe.audio_downsample_rate  # frames per audio embedding
         n_audio = -(-frames * fe.audio_feat_stride // per_embedding)  # rounded up, as the extractor does
-        answer = len(self._ids(target_answer(row) + self.answer_suffix)) if self.with_answer else 0
-        return len(self._ids(prompt_text(row["text"]))) - 1 + n_audio + answer
+        return sum(map(len, self._sequence(row, n_audio)))
 
     def _audio_features(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """Log-mel features of each recording alone, zero-padded to the longest, with their mask (batches of 2+).
@@ -81,10 +95,7 @@ class PronunciationCollator:
         audio = self._audio_features(rows)
         sequences, label_seqs = [], []
         for row, n_audio in zip(rows, audio["audio_embed_sizes"].tolist(), strict=True):
-            prompt = self._ids(prompt_text(row["text"]))
-            at = prompt.index(self.audio_token_id)
-            prompt = prompt[:at] + [self.audio_token_id] * n_audio + prompt[at + 1 :]
-            answer = self._ids(target_answer(row) + self.answer_suffix) if self.with_answer else []
+            prompt, answer = self._sequence(row, n_audio)
             ids = prompt + answer
             if len(prompt) >= self.max_length or (answer and len(ids) > self.max_length):
                 raise ValueError(
@@ -101,7 +112,7 @@ class PronunciationCollator:
         return {**batch, **audio}
 
     def _pad(self, seqs: list[list[int]], value: int) -> torch.Tensor:
-        width = -(-max(len(s) for s in seqs) // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        width = self.padded_length(max(len(s) for s in seqs))
         out = torch.full((len(seqs), width), value, dtype=torch.long)
         for i, s in enumerate(seqs):
             if self.padding_side == "right":

@@ -86,7 +86,7 @@ class HardwareConfig:
     per_device_eval_batch_size: int = 32
     attn_implementation: str = "sdpa"
     gradient_checkpointing: bool = False
-    compile: bool = False  # torch.compile each decoder layer (one compile per run, then faster steps)
+    compile: bool = False  # torch.compile each decoder and audio layer (one compile per run, then faster steps)
     bf16: bool = True
     dataloader_num_workers: int = 4
 

@@ -11,8 +11,8 @@ import torch
 from peft import PeftModel
 
 from phi4_pron.answer import END
-from phi4_pron.collator import PronunciationCollator
-from phi4_pron.modeling import ModelPathError, load_tokenizer_and_features
+from phi4_pron.collator import PronunciationCollator, pad_token_id
+from phi4_pron.modeling import ModelPathError, load_base_model, load_tokenizer_and_features
 
 
 def load_adapter_for_inference(
@@ -27,8 +27,6 @@ def load_adapter_for_inference(
     ``merge`` folds the LoRA weights into the base weights: the same function, and generation 1.6x faster
     (experiments/benchmarks/eval.md).
     """
-    from transformers import AutoModelForCausalLM
-
     adapter_dir = Path(adapter_dir)
     config_file = adapter_dir / "adapter_config.json"
     if not config_file.exists():
@@ -41,13 +39,7 @@ def load_adapter_for_inference(
         raise ModelPathError(f"{config_file} names no base_model_name_or_path; set it to the base checkpoint.")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch_dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
-    model = AutoModelForCausalLM.from_pretrained(
-        base,
-        revision=adapter_cfg.get("revision"),
-        dtype=torch_dtype,
-        attn_implementation=attn_implementation,
-        use_safetensors=True,
-    )
+    model = load_base_model(base, adapter_cfg.get("revision"), torch_dtype, attn_implementation)
     model = PeftModel.from_pretrained(model, adapter_dir)
     model = (model.merge_and_unload() if merge else model).to(device).eval()
     has_processing = all((adapter_dir / f).exists() for f in ("tokenizer_config.json", "preprocessor_config.json"))
@@ -78,7 +70,7 @@ def generate_from_batch(model, tokenizer, batch: dict[str, torch.Tensor], max_ne
         max_new_tokens=max_new_tokens,
         do_sample=False,
         eos_token_id=[tokenizer.convert_tokens_to_ids(END), tokenizer.eos_token_id],
-        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        pad_token_id=pad_token_id(tokenizer),
     )
     return tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
 

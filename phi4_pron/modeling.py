@@ -58,14 +58,11 @@ def keep_sdpa_off_cudnn() -> None:
         torch.backends.cuda.enable_cudnn_sdp(False)
 
 
-def load_base_model(path: str, model_cfg: Any, attn_implementation: str):
+def load_base_model(path: str, revision: str | None, dtype: torch.dtype, attn_implementation: str):
+    """The base checkpoint (safetensors only), for training and for inference alike."""
     keep_sdpa_off_cudnn()
     return AutoModelForCausalLM.from_pretrained(
-        path,
-        revision=model_cfg.revision,
-        dtype=getattr(torch, model_cfg.dtype),
-        attn_implementation=attn_implementation,
-        use_safetensors=True,
+        path, revision=revision, dtype=dtype, attn_implementation=attn_implementation, use_safetensors=True
     )
 
 

@@ -128,7 +128,9 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
     train_ds = with_lengths(train_ds, collator.num_tokens)  # batches of similar token length
     args = sft_config(cfg, run_dir, world_size)
 
-    model = load_base_model(model_path, cfg.model, cfg.hardware.attn_implementation)
+    model = load_base_model(
+        model_path, cfg.model.revision, getattr(torch, cfg.model.dtype), cfg.hardware.attn_implementation
+    )
     model = attach_speech_lora(model, cfg.lora, model_path, cfg.model.revision)
     if cfg.hardware.compile:
         log.info("compiled %d layers (the first steps compile them)", compile_layers(model))
