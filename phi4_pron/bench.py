@@ -20,7 +20,6 @@ import gc
 import json
 import math
 import platform
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -153,36 +152,49 @@ def lm_params(model) -> int:
 
 
 class StepTimer:
-    """Trainer callback: wall time of each optimizer step (CUDA-synchronised)."""
+    """Trainer callback: wall time of the optimizer steps after the warm-up ones, CUDA-synchronised only at the
+    start and the end of that window (a sync per step would drain the GPU's queue, which training never does)."""
 
-    def __init__(self):
+    def __init__(self, warmup: int):
         from transformers import TrainerCallback
 
         timer = self
+        self.warmup, self.begin, self.start, self.end, self.steps = warmup, math.nan, math.nan, math.nan, 0
 
         class _CB(TrainerCallback):
-            def on_step_begin(self, args, state, control, **kw):
+            def on_train_begin(self, args, state, control, **kw):
                 _sync()
-                timer.t0 = time.perf_counter()
+                timer.begin = time.perf_counter()
 
             def on_step_end(self, args, state, control, **kw):
-                _sync()
-                now = time.perf_counter()
-                timer.steps.append(now - timer.t0)
-                timer.ends.append(now)
+                if state.global_step == timer.warmup:
+                    _sync()
+                    timer.start = time.perf_counter()
 
-        self.steps: list[float] = []  # compute only: from step begin to step end
-        self.ends: list[float] = []  # step end times: their differences include waiting for data
+            def on_train_end(self, args, state, control, **kw):
+                _sync()
+                timer.end = time.perf_counter()
+                timer.steps = state.global_step - timer.warmup
+
         self.callback = _CB()
+
+    @property
+    def warmup_s(self) -> float:
+        return self.start - self.begin
+
+    @property
+    def step_s(self) -> float:
+        return (self.end - self.start) / self.steps if self.steps > 0 else math.nan
 
 
 class StepProfiler:
-    """Trainer callback: torch.profiler over two optimizer steps after the warm-up; a kernel table and GPU busy time."""
+    """Trainer callback: torch.profiler over one optimizer step after the warm-up: kernel tables (by GPU and by CPU
+    time), the GPU's busy time, and a Chrome trace (``<name>.json.gz``, for chrome://tracing or Perfetto)."""
 
-    def __init__(self, first_step: int, steps: int = 2):
+    def __init__(self, first_step: int, trace: Path):
         from transformers import TrainerCallback
 
-        self.first, self.last, self.table, self.busy_s = first_step, first_step + steps, "", math.nan
+        self.first, self.trace, self.table, self.busy_s = first_step, trace, "", math.nan
         prof = self
 
         class _CB(TrainerCallback):
@@ -195,20 +207,31 @@ class StepProfiler:
                     prof.profiler.__enter__()
 
             def on_step_end(self, args, state, control, **kw):
-                if state.global_step == prof.last and hasattr(prof, "profiler"):
+                if state.global_step == prof.first + 1 and hasattr(prof, "profiler"):  # before StepTimer's start
                     _sync()
                     prof.profiler.__exit__(None, None, None)
-                    prof.summarise(prof.profiler, state.global_step - prof.first)
+                    prof.summarise(prof.profiler)
 
         self.callback = _CB()
 
-    def summarise(self, p, steps: int) -> None:
+    def summarise(self, p) -> None:
+        import gzip
+        import os
+
         from torch.autograd import DeviceType
 
         kernels = [e for e in p.events() if e.device_type == DeviceType.CUDA]
-        self.busy_s = sum(e.time_range.elapsed_us() for e in kernels) / 1e6 / steps if kernels else math.nan
-        key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
-        self.table = p.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=90)
+        self.busy_s = sum(e.time_range.elapsed_us() for e in kernels) / 1e6 if kernels else math.nan
+        averages = p.key_averages()
+        self.table = "\n".join(
+            averages.table(sort_by=key, row_limit=40, max_name_column_width=90)
+            for key in (["self_cuda_time_total"] if torch.cuda.is_available() else []) + ["self_cpu_time_total"]
+        )
+        raw = self.trace.with_suffix("")
+        p.export_chrome_trace(str(raw))
+        with open(raw, "rb") as src, gzip.open(self.trace, "wb") as dst:
+            dst.write(src.read())
+        os.remove(raw)
 
 
 def _sync():
@@ -233,15 +256,24 @@ def run_training_setting(
     seconds: float | None = None,
     profile: Path | None = None,
 ) -> dict[str, Any]:
-    """Train ``warmup + steps`` optimizer steps (no accumulation) with the framework's trainer and collator."""
+    """Train ``warmup + steps`` optimizer steps with the framework's trainer and collator.
+
+    Each optimizer step takes the paper's effective batch of 64 (``batch`` x accumulation, as ``sft_config`` derives
+    it); tiny: one batch per step. ``setting`` may also name: ``trainer: trl`` (TRL's SFTTrainer itself),
+    ``optimizer``, ``nan_filter``, ``pad_to`` (the collator's), ``group_by: duration``, ``dropout``, ``compile``,
+    ``workers``. ``profile``: a kernel table there and a Chrome trace beside it.
+    """
     from datasets import Dataset
     from omegaconf import OmegaConf
     from trl import SFTTrainer
 
     from phi4_pron.collator import PronunciationCollator
     from phi4_pron.modeling import attach_speech_lora, compile_layers
+    from phi4_pron.trainer import PronunciationTrainer
     from phi4_pron.training import sft_config
 
+    effective = setting["batch"] if tiny else setting.get("effective_batch", 64)
+    accum = effective // setting["batch"]
     cfg = OmegaConf.create(
         {
             "run_name": "bench",
@@ -250,12 +282,12 @@ def run_training_setting(
                 "epochs": 1,
                 "max_steps": warmup + steps,
                 "lr": 2e-5,
-                "optimizer": "adamw_torch",
+                "optimizer": setting.get("optimizer", "adamw_torch_fused"),
                 "weight_decay": 0.0,
                 "warmup_ratio": 0.0,
                 "lr_scheduler": "linear",
                 "max_grad_norm": 1.0,
-                "effective_batch_size": setting["batch"],
+                "effective_batch_size": effective,
             },
             "data": {"group_by_length": setting.get("group_by_length", False)},
             "hardware": {
@@ -276,51 +308,55 @@ def run_training_setting(
             "r": setting["r"],
             "alpha": 2 * setting["r"],
             "dropout": setting.get("dropout", 0.05),
-            "target_modules": r".*model\.layers\.\d+\.(self_attn\.(qkv_proj|o_proj)|mlp\.(gate_up_proj|down_proj))",
+            "target_modules": LORA_TARGETS,
         }
     )
     model = attach_speech_lora(model, lora, path="")
     if setting.get("compile"):
         compile_layers(model)
+    batches = accum * (warmup + steps)
     # a whole epoch's rows, so that length grouping sees what it sees in training (memory mode, tiny: just enough)
-    n_rows = setting["batch"] * (warmup + steps) if seconds or tiny else EPOCH_UTTERANCES
+    n_rows = setting["batch"] * batches if seconds or tiny else EPOCH_UTTERANCES
     rows = synthetic_rows(n_rows, seed=1, seconds=seconds)
-    collator = PronunciationCollator(tokenizer, feature_extractor)
+    collator = PronunciationCollator(tokenizer, feature_extractor, pad_to_multiple_of=setting.get("pad_to", 8))
     tokens = [collator.num_tokens(r, len(r["audio"]) / SAMPLING_RATE) for r in rows]
     # the grouping key: the framework's (data.with_lengths + collator.num_tokens), or the previous one (duration)
     lengths = [len(r["audio"]) // 160 for r in rows] if setting.get("group_by") == "duration" else tokens
     sample = collator(rows[:64])  # the answer and audio shares of the tokens
     n_audio = float(sample["audio_embed_sizes"].float().mean())
     n_answer = float((sample["labels"] != -100).sum(1).float().mean())
+    trainer_cls = SFTTrainer if setting.get("trainer") == "trl" else PronunciationTrainer
     with tempfile.TemporaryDirectory() as tmp:
         args = sft_config(cfg, Path(tmp), 1)
         args.save_strategy = "no"
         args.report_to = []
-        timer = StepTimer()
-        profiler = StepProfiler(warmup + 1) if profile else None
-        trainer = SFTTrainer(
+        if "nan_filter" in setting:
+            args.logging_nan_inf_filter = setting["nan_filter"]
+        timer = StepTimer(warmup)
+        profiler = StepProfiler(warmup - 1, profile.with_suffix(".trace.json.gz")) if profile else None
+        trainer = trainer_cls(
             model=model,
             args=args,
             train_dataset=Dataset.from_list([{**r, "length": n} for r, n in zip(rows, lengths, strict=True)]),
             data_collator=collator,
             processing_class=tokenizer,
-            callbacks=[timer.callback, *([profiler.callback] if profiler else [])],
+            callbacks=[*([profiler.callback] if profiler else []), timer.callback],
         )
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         trainer.train()
-        n_tokens, padding = padding_of(trainer, tokens, setting["batch"], warmup + steps)
-    # wall time per step after the warm-up (compilation) steps, data loading included
-    step_s = (timer.ends[-1] - timer.ends[warmup - 1]) / steps if len(timer.ends) > warmup else math.nan
-    tokens_per_step = n_tokens * setting["batch"]
+        n_tokens, padding = padding_of(trainer, tokens, setting["batch"], batches)
+    # wall time per optimizer step after the warm-up (compilation) steps, data loading included
+    step_s = timer.step_s
+    samples_per_step = setting["batch"] * accum
     result = {
         **setting,
+        "grad_accum": accum,
         "s_per_step": step_s,
-        "compute_s_per_step": statistics.median(timer.steps[warmup:]) if len(timer.steps) > warmup else math.nan,
-        "warmup_s": sum(timer.steps[:warmup]),
-        "samples_per_s": setting["batch"] / step_s,
-        "epoch_s": EPOCH_UTTERANCES / setting["batch"] * step_s,
-        "tflops": 4 * lm_params(model) * tokens_per_step / step_s / 1e12,
+        "warmup_s": timer.warmup_s,
+        "samples_per_s": samples_per_step / step_s,
+        "epoch_s": EPOCH_UTTERANCES / samples_per_step * step_s,
+        "tflops": 4 * lm_params(model) * n_tokens * samples_per_step / step_s / 1e12,
         "peak_gib": torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available() else math.nan,
         "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else math.nan,
         "tokens_per_sample": round(n_tokens, 1),
@@ -537,6 +573,7 @@ COLUMNS = {
         "setting",
         "lora",
         "batch",
+        "grad_accum",
         "s_per_step",
         "epoch_s",
         "samples_per_s",

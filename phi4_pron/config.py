@@ -56,7 +56,7 @@ class LoraConfig:
 @dataclass
 class OptimConfig:
     name: str = "adamw"
-    optimizer: str = "adamw_torch"
+    optimizer: str = "adamw_torch_fused"  # a transformers OptimizerNames value
     lr: float = 2e-5
     epochs: float = 3
     effective_batch_size: int = 64  # per-device batch x devices x accumulation; accumulation is derived

@@ -1,4 +1,4 @@
-"""One training job: model + speech LoRA + data + collator -> TRL SFTTrainer -> a complete run folder.
+"""One training job: model + speech LoRA + data + collator -> TRL SFTTrainer (PronunciationTrainer) -> a run folder.
 
 Run folder (Hydra's output dir)::
 
@@ -20,7 +20,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from transformers import set_seed
-from trl import SFTConfig, SFTTrainer
+from trl import SFTConfig
 
 from phi4_pron import __version__, dist
 from phi4_pron.callbacks import EpochCheckpointCallback, EpochEvalCallback, latest_checkpoint
@@ -39,6 +39,7 @@ from phi4_pron.modeling import (
 )
 from phi4_pron.sweep import wandb_identity
 from phi4_pron.tracking import finish_wandb, report_to, start_wandb, tensorboard_callback
+from phi4_pron.trainer import PronunciationTrainer
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,7 @@ def sft_config(cfg: DictConfig, run_dir: Path, world_size: int) -> SFTConfig:
         length_column_name="length",
         save_strategy="epoch",
         logging_steps=cfg.logger.logging_steps,
+        logging_nan_inf_filter=False,  # the check reads every batch's loss on the host: a sync per batch
         logging_first_step=True,
         report_to=report_to(cfg),
         seed=cfg.seed,
@@ -173,7 +175,7 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
     tb = tensorboard_callback(cfg, run_dir)
     wandb_name, wandb_group = wandb_identity(cfg.run_name)
     wandb_run = start_wandb(cfg, run_dir, job_type="train", name=wandb_name, group=wandb_group)
-    trainer = SFTTrainer(
+    trainer = PronunciationTrainer(
         model=model,
         args=args,
         train_dataset=train_ds,
@@ -212,7 +214,7 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
         release(trainer)
 
 
-def release(trainer: SFTTrainer) -> None:
+def release(trainer: PronunciationTrainer) -> None:
     """Free the model, optimizer and accelerator memory so the next job of a sweep starts clean."""
     trainer.accelerator.free_memory()
     trainer.model = trainer.model_wrapped = trainer.optimizer = trainer.lr_scheduler = None

@@ -33,25 +33,27 @@ def _tiny_lora_model(tiny_model_dir):
     return attach_speech_lora(model, lora, path=str(tiny_model_dir))
 
 
-def _cpu_trainer(model, tiny_processing, mini_train, tmp_path):
-    """TRL's SFTTrainer as the framework builds it (fused answer-only LM head), on the CPU."""
-    from trl import SFTConfig, SFTTrainer
+def _cpu_trainer(model, tiny_processing, mini_train, tmp_path, trainer_cls=None, rows=2, **args):
+    """The framework's trainer (TRL's SFTTrainer, fused answer-only LM head), or ``trainer_cls``, on the CPU."""
+    from trl import SFTConfig
 
     from phi4_pron.collator import PronunciationCollator
+    from phi4_pron.trainer import PronunciationTrainer
 
     tokenizer, fe = tiny_processing
-    args = SFTConfig(
+    config = SFTConfig(
         output_dir=str(tmp_path),
         use_cpu=True,
         report_to=[],
         remove_unused_columns=False,
         dataset_kwargs={"skip_prepare_dataset": True},
         max_length=None,
+        **args,
     )
-    return SFTTrainer(
+    return (trainer_cls or PronunciationTrainer)(
         model=model,
-        args=args,
-        train_dataset=mini_train.select(range(2)),
+        args=config,
+        train_dataset=mini_train.select(range(rows)),
         data_collator=PronunciationCollator(tokenizer, fe),
         processing_class=tokenizer,
     )
@@ -73,6 +75,46 @@ def test_fused_answer_only_loss_equals_the_plain_loss(tiny_model_dir, tiny_proce
     with torch.no_grad():
         fast = trainer.compute_loss(trainer.model, dict(batch))
     assert fast.item() == pytest.approx(reference.item(), rel=1e-5)
+
+
+def test_trainer_logs_what_trl_logs(tiny_model_dir, tiny_processing, mini_train, tmp_path):
+    """PronunciationTrainer (metrics read at logging time) trains and logs exactly as TRL's SFTTrainer."""
+    from trl import SFTTrainer
+
+    from phi4_pron.trainer import PronunciationTrainer
+
+    logged = {}
+    for cls in (SFTTrainer, PronunciationTrainer):
+        torch.manual_seed(0)
+        model = _tiny_lora_model(tiny_model_dir)
+        for name, p in model.named_parameters():  # B = 0 would leave the first step's loss unchanged by LoRA
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.02)
+        trainer = _cpu_trainer(
+            model,
+            tiny_processing,
+            mini_train,
+            tmp_path / cls.__name__,
+            trainer_cls=cls,
+            rows=9,
+            per_device_train_batch_size=1,
+            gradient_accumulation_steps=3,
+            max_steps=3,
+            logging_steps=1,
+            learning_rate=1e-3,
+            save_strategy="no",
+        )
+        trainer.train()
+        logged[cls] = [h for h in trainer.state.log_history if "loss" in h]
+    reference, fast = logged[SFTTrainer], logged[PronunciationTrainer]
+    assert len(reference) == len(fast) == 3
+    for ref, got in zip(reference, fast, strict=True):
+        assert got["num_tokens"] == ref["num_tokens"] > 0
+        for key in ("loss", "entropy", "mean_token_accuracy", "grad_norm"):
+            # not bit for bit: TRL's forward gets the padding mask, which takes another attention kernel
+            assert got[key] == pytest.approx(ref[key], rel=1e-4), key
+    assert fast[0]["num_tokens"] < fast[-1]["num_tokens"]  # counted across logging steps
+    assert fast[0]["loss"] != fast[-1]["loss"]  # the steps trained
 
 
 def test_compiled_layers_give_the_reference_loss_and_gradients(tiny_model_dir, tiny_processing, mini_train, tmp_path):

@@ -1,0 +1,63 @@
+"""TRL's SFTTrainer, with fewer host syncs and the flash attention kernel in training."""
+
+from __future__ import annotations
+
+import torch
+from trl import SFTTrainer
+
+
+class PronunciationTrainer(SFTTrainer):
+    """SFTTrainer whose training loss is TRL's (answer tokens only, through its fused LM head), computed faster.
+
+    - Per-batch metrics (entropy, token accuracy, token count) are read only when logged. TRL converts them with
+      ``.item()`` after every forward: each conversion makes the CPU wait for the GPU to finish the forward
+      before it launches the backward, so the GPU then waits for the CPU. Here each batch's sums stay on the
+      device and are gathered and averaged at logging time, into the same log keys and values.
+    - Right-padded batches (the training collator's) go to the model without their padding mask: causal
+      attention alone keeps every real token from seeing the padding after it, so the loss and gradients are
+      the same, and SDPA can take its flash kernel instead of the masked memory-efficient one.
+    Anything else (evaluation, label smoothing, custom losses) goes to TRL unchanged.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._batch_sums: list[torch.Tensor] = []  # per batch: answer tokens, entropy sum, top-1 hits, input tokens
+
+    def _plain_loss(self, return_outputs: bool) -> bool:
+        return (
+            self.model.training
+            and not return_outputs
+            and self.compute_loss_func is None
+            and self.label_smoother is None
+            and self.args.loss_type == "nll"
+            and not self.aux_loss_enabled
+        )
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not self._plain_loss(return_outputs):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        right_padded = getattr(self.data_collator, "padding_side", None) == "right"
+        model_inputs = {k: v for k, v in inputs.items() if not (right_padded and k == "attention_mask")}
+        outputs = model(**model_inputs, use_cache=False, fused_lm_head=True)
+        n_answer = outputs.label_mask.sum()
+        n_tokens = n_answer if num_items_in_batch is None else num_items_in_batch
+        loss = -outputs.log_probs.sum() / torch.as_tensor(n_tokens).clamp(min=1)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes  # as TRL: DDP averages, the token count is global
+        sums = [n_answer, outputs.entropy.detach().sum(), outputs.is_top1.sum(), inputs["attention_mask"].sum()]
+        self._batch_sums.append(torch.stack([s.float() for s in sums]))
+        return loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self._batch_sums and self.model.training:
+            local = torch.stack(self._batch_sums)
+            self._batch_sums.clear()
+            n_answer, entropy, hits, n_input = (
+                self.accelerator.gather(local).view(-1, *local.shape).sum(0).T.tolist()
+            )  # summed over processes, batch by batch, as TRL sums them
+            metrics = self._metrics["train"]
+            metrics["entropy"] += [e / n if n > 0 else 0.0 for e, n in zip(entropy, n_answer, strict=True)]
+            metrics["mean_token_accuracy"] += [h / n if n > 0 else 0.0 for h, n in zip(hits, n_answer, strict=True)]
+            self._total_train_tokens += int(sum(n_input)) // self._tp_size
+            metrics["num_tokens"] = [self._total_train_tokens]
+        super().log(logs, start_time)
