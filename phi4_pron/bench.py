@@ -215,9 +215,6 @@ class StepProfiler:
         self.callback = _CB()
 
     def summarise(self, p) -> None:
-        import gzip
-        import os
-
         from torch.autograd import DeviceType
 
         kernels = [e for e in p.events() if e.device_type == DeviceType.CUDA]
@@ -227,11 +224,8 @@ class StepProfiler:
             averages.table(sort_by=key, row_limit=40, max_name_column_width=90)
             for key in (["self_cuda_time_total"] if torch.cuda.is_available() else []) + ["self_cpu_time_total"]
         )
-        raw = self.trace.with_suffix("")
-        p.export_chrome_trace(str(raw))
-        with open(raw, "rb") as src, gzip.open(self.trace, "wb") as dst:
-            dst.write(src.read())
-        os.remove(raw)
+        self.trace.parent.mkdir(parents=True, exist_ok=True)
+        p.export_chrome_trace(str(self.trace))  # gzipped: the name ends in .gz
 
 
 def _sync():
