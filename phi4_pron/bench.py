@@ -487,6 +487,7 @@ def run_eval_setting(setting: dict[str, Any], tokenizer, feature_extractor, tiny
     from transformers import StoppingCriteriaList
 
     from phi4_pron.evaluation import generate_records, score
+    from phi4_pron.inference import DECODE_ATTENTION
     from phi4_pron.modeling import attach_speech_lora
 
     _free()
@@ -495,6 +496,7 @@ def run_eval_setting(setting: dict[str, Any], tokenizer, feature_extractor, tiny
     model = attach_speech_lora(model, lora, path="")  # as evaluation sees a trained r64 run
     if setting.get("merged"):
         model = model.merge_and_unload()
+        model.set_attn_implementation(DECODE_ATTENTION)  # as inference.load_adapter_for_inference
     model.eval()
     rows = synthetic_rows(n, seed=2)
     if setting.get("answer_lengths"):
@@ -510,9 +512,13 @@ def run_eval_setting(setting: dict[str, Any], tokenizer, feature_extractor, tiny
         max_new_tokens=setting["max_new_tokens"],
         progress=False,
         num_workers=workers,
+        compiled=bool(setting.get("compiled")),
     )
-    warm = run(rows[: min(n, setting["batch"])])  # allocator and kernel warm-up
+    t0 = time.perf_counter()
+    # allocator and kernel warm-up; compiled: the compile, for the shape of the split's longest texts
+    warm = run(sorted(rows, key=lambda r: len(r["text"]))[-setting["batch"] :])
     _sync()
+    warmup_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     records = run(rows)
     score(records)
@@ -524,6 +530,7 @@ def run_eval_setting(setting: dict[str, Any], tokenizer, feature_extractor, tiny
         "seconds": elapsed,
         "samples_per_s": n / elapsed,
         "test_eval_s": elapsed * EPOCH_UTTERANCES / n,
+        "warmup_s": warmup_s,
         "failed": sum(r["error"] is not None for r in records) + sum(r["error"] is not None for r in warm),
         "peak_gib": torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available() else math.nan,
     }
@@ -550,6 +557,13 @@ EVAL_SETTINGS = [  # the original way first (the baseline), then the framework's
     _eval("framework: merged, batch 256, by length, 8 workers, 128 new tokens (upper bound)", 256, 2500),
     _eval("framework: merged, batch 256, by length, 8 workers, reference-length answers", 256, 2500, answer_lengths=1),
     _eval("framework: merged, batch 512, by length, 8 workers, reference-length answers", 512, 2500, answer_lengths=1),
+    _eval(
+        "framework: merged, batch 256, by length, 8 workers, reference-length answers, compiled decoding",
+        256,
+        2500,
+        answer_lengths=1,
+        compiled=1,
+    ),
 ]
 
 
@@ -598,6 +612,7 @@ COLUMNS = {
         "seconds",
         "samples_per_s",
         "test_eval_s",
+        "warmup_s",
         "failed",
         "peak_gib",
     ],

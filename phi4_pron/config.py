@@ -115,6 +115,7 @@ class EvalConfig:
     limit: int | None = None  # first N utterances of the eval split; None = all
     max_new_tokens: int = 256
     batch_size: int | None = None  # None = hardware.per_device_eval_batch_size
+    compile: bool | None = None  # phi4_pron.evaluate: static cache + compiled decoding (GPU); None = hardware.compile
 
 
 @dataclass

@@ -65,6 +65,7 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
         max_new_tokens=cfg.eval.max_new_tokens,
         info={"checkpoint": cfg.checkpoint, "data": data.path, "split": data.eval_split},
         num_workers=hardware.dataloader_num_workers,
+        compiled=hardware.compile if cfg.eval.compile is None else cfg.eval.compile,
     )
     if wandb_run is not None:
         wandb_run.log({f"eval/{k}": metrics[k] for k in HEADLINE})

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from phi4_pron.answer import SCORE_KEYS, canonical_phones, mispronounced_flags, parse_answer, pronounced_phones
-from phi4_pron.inference import generate_answers, generate_from_batch, generation_collator
+from phi4_pron.inference import generate_answers, generate_from_batch, generation_collator, static_cache_len
 from phi4_pron.io import write_json_atomic, write_text_atomic
 from phi4_pron.metrics import detected_mispronunciations, mdd_scores, pcc, per, wer
 
@@ -75,16 +75,23 @@ def generate_records(
     max_new_tokens: int,
     progress: bool = True,
     num_workers: int = 0,
+    compiled: bool = False,
 ) -> list[dict[str, Any]]:
     """One record per row, in the dataset's order: id, raw answer, parsed answer (None if unparseable), reference,
     error.
 
     Rows are batched by prompt length (little padding, and a batch's answers end at about the same step), and
     ``num_workers`` DataLoader processes decode and featurize the next batches while the GPU generates.
+    ``compiled``: a static cache and compiled decoding steps (:func:`inference.generate_from_batch`) of one shape
+    for the whole split, so that it compiles once: longest texts first, the first batch's cache length for every
+    batch (a longer prompt later costs a recompile), and the last batch filled up with repeats of its first row.
     """
     texts = _texts(dataset)
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]), reverse=compiled)
     index_batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    if compiled and index_batches:
+        index_batches[-1] += index_batches[-1][:1] * (batch_size - len(index_batches[-1]))
+    cache_len = None
     collator = generation_collator(tokenizer, feature_extractor)
     loader = DataLoader(
         dataset,
@@ -99,7 +106,9 @@ def generate_records(
         try:
             if isinstance(batch, Exception):
                 raise batch
-            answers: list[str | Exception] = generate_from_batch(model, tokenizer, batch, max_new_tokens)
+            if compiled and cache_len is None:
+                cache_len = static_cache_len(batch["input_ids"].shape[1], max_new_tokens)
+            answers: list[str | Exception] = generate_from_batch(model, tokenizer, batch, max_new_tokens, cache_len)
         except Exception:  # find the culprit(s): retry one by one, reading the rows (audio too) again
             answers = []
             for row in (dataset[i] for i in indices):
@@ -117,7 +126,7 @@ def generate_records(
                 "error": f"{type(answer).__name__}: {answer}" if failed else None,
                 "reference": reference(row),
             }
-        bar.update(len(rows))
+        bar.update(len(set(indices)))
     bar.close()
     return records
 
@@ -200,13 +209,21 @@ def evaluate_model(
     max_new_tokens: int,
     info: dict[str, Any] | None = None,
     num_workers: int = 0,
+    compiled: bool = False,
 ) -> tuple[dict[str, Any], dict[str, Path]]:
     """Generate, score and write one evaluation; returns the metrics and the plot files."""
     was_training = model.training
     model.eval()
     try:
         records = generate_records(
-            model, tokenizer, feature_extractor, dataset, batch_size, max_new_tokens, num_workers=num_workers
+            model,
+            tokenizer,
+            feature_extractor,
+            dataset,
+            batch_size,
+            max_new_tokens,
+            num_workers=num_workers,
+            compiled=compiled,
         )
     finally:
         model.train(was_training)

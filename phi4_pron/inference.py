@@ -9,10 +9,35 @@ from typing import Any
 
 import torch
 from peft import PeftModel
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from phi4_pron.answer import END
 from phi4_pron.collator import PronunciationCollator, pad_token_id
 from phi4_pron.modeling import ModelPathError, load_base_model, load_tokenizer_and_features
+
+DECODE_ATTENTION = "sdpa_packed_decode"
+
+
+def sdpa_packed_decode(module, query, key, value, attention_mask, scaling=None, **kwargs):
+    """SDPA; a single query token's heads are packed onto their key/value heads, so the cache is read once.
+
+    ``sdpa`` does the same in eager mode only: compiled, it repeats every key/value head for each of its query heads
+    (a copy of the whole cache per layer and step), which made compiled decoding slower than eager.
+    """
+    groups = getattr(module, "num_key_value_groups", 1)
+    if query.shape[2] != 1 or groups == 1 or kwargs.get("position_bias") is not None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+    batch, heads, _, dim = query.shape
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query.reshape(batch, heads // groups, groups, dim), key, value, attn_mask=attention_mask, scale=scaling
+    )
+    return out.reshape(batch, heads, 1, dim).transpose(1, 2), None
+
+
+AttentionInterface.register(DECODE_ATTENTION, sdpa_packed_decode)
+AttentionMaskInterface.register(DECODE_ATTENTION, sdpa_mask)
 
 
 def load_adapter_for_inference(
@@ -25,7 +50,7 @@ def load_adapter_for_inference(
     """Base model named in ``adapter_config.json`` + the adapter, with the tokenizer saved beside it.
 
     ``merge`` folds the LoRA weights into the base weights: the same function, and generation 1.6x faster
-    (experiments/benchmarks/eval.md).
+    (experiments/benchmarks/eval.md). ``sdpa`` becomes :data:`DECODE_ATTENTION` (the same, faster compiled).
     """
     adapter_dir = Path(adapter_dir)
     config_file = adapter_dir / "adapter_config.json"
@@ -42,6 +67,8 @@ def load_adapter_for_inference(
     model = load_base_model(base, adapter_cfg.get("revision"), torch_dtype, attn_implementation)
     model = PeftModel.from_pretrained(model, adapter_dir)
     model = (model.merge_and_unload() if merge else model).to(device).eval()
+    if model.config._attn_implementation == "sdpa":
+        model.set_attn_implementation(DECODE_ATTENTION)
     has_processing = all((adapter_dir / f).exists() for f in ("tokenizer_config.json", "preprocessor_config.json"))
     if has_processing:
         tokenizer, feature_extractor = load_tokenizer_and_features(str(adapter_dir))
@@ -60,17 +87,38 @@ def generation_collator(tokenizer, feature_extractor) -> PronunciationCollator:
     return PronunciationCollator(tokenizer, feature_extractor, with_answer=False, padding_side="left")
 
 
+STATIC_CACHE_STEP = 64  # a static cache's length is rounded up to a multiple of this
+
+
+def static_cache_len(prompt_tokens: int, max_new_tokens: int) -> int:
+    """Positions a static cache needs for a batch of ``prompt_tokens``-token prompts, rounded up."""
+    return -(-(prompt_tokens + max_new_tokens) // STATIC_CACHE_STEP) * STATIC_CACHE_STEP
+
+
 @torch.inference_mode()
-def generate_from_batch(model, tokenizer, batch: dict[str, torch.Tensor], max_new_tokens: int = 256) -> list[str]:
-    """Greedy answers for one collated batch (from :func:`generation_collator`), prompt stripped."""
+def generate_from_batch(
+    model, tokenizer, batch: dict[str, torch.Tensor], max_new_tokens: int = 256, cache_len: int | None = None
+) -> list[str]:
+    """Greedy answers for one collated batch (from :func:`generation_collator`), prompt stripped.
+
+    ``cache_len``: a static cache of that many positions (at least the prompt + ``max_new_tokens``), with which
+    transformers compiles the decoding step on a GPU (Inductor + CUDA graphs, transformers' default
+    ``CompileConfig``); batches of one size and cache length reuse that compile. On a CPU it runs eagerly.
+    """
     device = next(model.parameters()).device
     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    extra = {"cache_implementation": "static", "max_cache_len": cache_len} if cache_len else {}
     out = model.generate(
         **batch,
         max_new_tokens=max_new_tokens,
         do_sample=False,
         eos_token_id=[tokenizer.convert_tokens_to_ids(END), tokenizer.eos_token_id],
         pad_token_id=pad_token_id(tokenizer),
+        # generate's default (1) slices the prompt's last position as a strided view, which the LM head multiplies
+        # as a batched matmul reading the whole 200k-token weight once per row (0.1 s a batch of 256); an index
+        # tensor copies the positions first, and the LM head is one matmul.
+        logits_to_keep=torch.tensor([-1], device=device),
+        **extra,
     )
     return tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
 

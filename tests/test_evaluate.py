@@ -28,6 +28,41 @@ def test_evaluate_writes_every_file_and_the_table(run_dir):
     assert (run_dir / "table3.csv").read_text().startswith("run,checkpoint,epoch")
 
 
+def test_compiled_decoding_answers_as_the_dynamic_cache(run_dir):
+    """``eval.compile``'s path (static cache, longest texts first, last batch filled up): the same answers."""
+    from phi4_pron.data import load_split
+    from phi4_pron.evaluation import generate_records
+    from phi4_pron.inference import DECODE_ATTENTION, load_adapter_for_inference
+
+    model, tokenizer, fe = load_adapter_for_inference(run_dir / "final_model")
+    assert model.config._attn_implementation == DECODE_ATTENTION
+    rows = load_split(str(MINI), "test", limit=5)
+    eager, compiled = (generate_records(model, tokenizer, fe, rows, 2, 12, False, 0, c) for c in (False, True))
+    assert [r["id"] for r in compiled] == list(rows["id"])  # the padded last batch adds no record
+    assert [r["raw"] for r in compiled] == [r["raw"] for r in eager]
+    assert any(r["raw"] for r in eager)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_packed_decode_attention_equals_repeated_heads(compiled):
+    import torch
+    from transformers.integrations.sdpa_attention import repeat_kv
+
+    from phi4_pron.inference import sdpa_packed_decode
+
+    torch.manual_seed(0)
+    module = torch.nn.Module()
+    module.num_key_value_groups = 3  # 6 query heads on 2 key/value heads
+    q, k, v = torch.randn(2, 6, 1, 8), torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8)
+    mask = torch.tensor([[False, False, True, True, True], [True] * 5]).view(2, 1, 1, 5)  # row 0 left-padded
+    attend = torch.compile(sdpa_packed_decode, backend="eager", fullgraph=True) if compiled else sdpa_packed_decode
+    out, _ = attend(module, q, k, v, mask, scaling=0.5)
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q, repeat_kv(k, 3), repeat_kv(v, 3), attn_mask=mask, scale=0.5
+    )
+    torch.testing.assert_close(out, ref.transpose(1, 2))
+
+
 def test_rescoring_saved_predictions_needs_no_model(tmp_path):
     ref = {
         "accuracy": 8,
