@@ -479,25 +479,34 @@ class ReferenceAnswerLength:
         return (input_ids.shape[1] - self.start) >= self.lengths
 
 
+def eval_model(tokenizer, tiny: bool, attn: str, merged: bool = True):
+    """The model as evaluation sees a trained r64 run (a fresh r64 speech LoRA), in eval mode; ``merged`` as
+    ``inference.load_adapter_for_inference`` loads it: LoRA folded in, ``sdpa`` as the decoding attention."""
+    from omegaconf import OmegaConf
+
+    from phi4_pron.inference import DECODE_ATTENTION
+    from phi4_pron.modeling import attach_speech_lora
+
+    model = build_model(tokenizer, tiny, attn)
+    lora = OmegaConf.create({"init": "fresh", "r": 64, "alpha": 128, "dropout": 0.05, "target_modules": LORA_TARGETS})
+    model = attach_speech_lora(model, lora, path="")
+    if merged:
+        model = model.merge_and_unload()
+        if attn == "sdpa":
+            model.set_attn_implementation(DECODE_ATTENTION)
+    return model.eval()
+
+
 def run_eval_setting(setting: dict[str, Any], tokenizer, feature_extractor, tiny: bool, n: int) -> dict[str, Any]:
     """Generate and score ``n`` utterances; the time is scaled to the 2500-utterance test split."""
     import functools
 
-    from omegaconf import OmegaConf
     from transformers import StoppingCriteriaList
 
     from phi4_pron.evaluation import generate_records, score
-    from phi4_pron.inference import DECODE_ATTENTION
-    from phi4_pron.modeling import attach_speech_lora
 
     _free()
-    model = build_model(tokenizer, tiny, setting["attn"])
-    lora = OmegaConf.create({"init": "fresh", "r": 64, "alpha": 128, "dropout": 0.05, "target_modules": LORA_TARGETS})
-    model = attach_speech_lora(model, lora, path="")  # as evaluation sees a trained r64 run
-    if setting.get("merged"):
-        model = model.merge_and_unload()
-        model.set_attn_implementation(DECODE_ATTENTION)  # as inference.load_adapter_for_inference
-    model.eval()
+    model = eval_model(tokenizer, tiny, setting["attn"], merged=bool(setting.get("merged")))
     rows = synthetic_rows(n, seed=2)
     if setting.get("answer_lengths"):
         stop = StoppingCriteriaList([ReferenceAnswerLength(tokenizer, rows)])

@@ -22,20 +22,16 @@ import sys
 import time
 
 import torch
-from omegaconf import OmegaConf
 from transformers import CompileConfig, Phi4MultimodalFeatureExtractor, StoppingCriteriaList
 
 from phi4_pron import bench
-from phi4_pron.inference import DECODE_ATTENTION, generate_from_batch, generation_collator
-from phi4_pron.modeling import attach_speech_lora
+from phi4_pron.inference import generate_from_batch, generation_collator
 
 OUT = os.environ.get("OUT", ".")
 BATCH = 256
 tok = bench.bench_tokenizer(False)
 fe = Phi4MultimodalFeatureExtractor()
-model = bench.build_model(tok, False, "sdpa")
-lora = OmegaConf.create({"init": "fresh", "r": 64, "alpha": 128, "dropout": 0.05, "target_modules": bench.LORA_TARGETS})
-model = attach_speech_lora(model, lora, path="").merge_and_unload().eval()
+model = bench.eval_model(tok, False, "sdpa")
 rows = sorted(bench.synthetic_rows(2500, seed=2), key=lambda r: len(r["text"]))
 collate = generation_collator(tok, fe)
 generate = model.generate
@@ -86,6 +82,8 @@ def run(what: str, start: int, new_tokens: int = 128, bucket: int = 0, **kw) -> 
 
 
 VARIANT = sys.argv[1] if len(sys.argv) > 1 else "dynamic"
+if VARIANT in ("dynamic", "inductor-repeat-kv"):
+    model.set_attn_implementation("sdpa")  # transformers' own (eagerly the same as DECODE_ATTENTION)
 BUCKET = 64  # static cache length: the batch's prompt + 128 new tokens, rounded up to this
 
 
@@ -98,8 +96,6 @@ if VARIANT == "dynamic":
         profiled("dynamic profiled 32 tokens", 1024, 32)
         profiled("dynamic profiled prefill", 1024, 1)
 else:
-    if VARIANT != "inductor-repeat-kv":
-        model.set_attn_implementation(DECODE_ATTENTION)
     extra = {"cache_implementation": "static", "bucket": BUCKET}
     if VARIANT == "cudagraphs":
         extra["compile_config"] = CompileConfig(backend="cudagraphs", mode=None)

@@ -14,19 +14,15 @@ import sys
 import time
 
 import torch
-from omegaconf import OmegaConf
 from transformers import Phi4MultimodalFeatureExtractor, StoppingCriteriaList
 
 from phi4_pron import bench
 from phi4_pron.inference import generate_from_batch, generation_collator
-from phi4_pron.modeling import attach_speech_lora
 
 OUT = os.environ.get("OUT", ".")
 tok = bench.bench_tokenizer(False)
 fe = Phi4MultimodalFeatureExtractor()
-model = bench.build_model(tok, False, "sdpa")
-lora = OmegaConf.create({"init": "fresh", "r": 64, "alpha": 128, "dropout": 0.05, "target_modules": bench.LORA_TARGETS})
-model = attach_speech_lora(model, lora, path="").merge_and_unload().eval()
+model = bench.eval_model(tok, False, "sdpa")
 rows = sorted(bench.synthetic_rows(2500, seed=2), key=lambda r: len(r["text"]))
 collate = generation_collator(tok, fe)
 generate = model.generate
