@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from phi4_pron.answer import AUDIO_PLACEHOLDER, END, prompt_text, target_answer
+from phi4_pron.audio_cache import AUDIO_ROWS, AUDIO_SPAN
 from phi4_pron.data import SAMPLING_RATE, decode_audio
 
 IGNORE_INDEX = -100
@@ -22,10 +23,11 @@ def pad_token_id(tokenizer) -> int:
 class PronunciationCollator:
     """Turns corpus rows into model inputs.
 
-    Audio becomes log-mel features (padded, with their mask); the prompt's single ``<|audio|>`` becomes one
-    placeholder token per audio embedding, as ``Phi4MultimodalProcessor`` does. With ``with_answer`` the
-    target answer, ``<|end|>`` and EOS follow, and ``labels`` copy only those tokens: prompt, audio
-    placeholders and padding are ``-100``. Without it (generation), rows end at ``<|assistant|>``.
+    Audio becomes log-mel features (padded, with their mask), or with ``audio_from_table`` the rows of the cached
+    audio embeddings that each row's ``audio_span`` names (``audio_rows``, see ``phi4_pron.audio_cache``). The
+    prompt's single ``<|audio|>`` becomes one placeholder token per audio embedding, as ``Phi4MultimodalProcessor``
+    does. With ``with_answer`` the target answer, ``<|end|>`` and EOS follow, and ``labels`` copy only those
+    tokens: prompt, audio placeholders and padding are ``-100``. Without it (generation), rows end at ``<|assistant|>``.
     """
 
     tokenizer: Any
@@ -34,6 +36,7 @@ class PronunciationCollator:
     with_answer: bool = True
     padding_side: str = "right"
     pad_to_multiple_of: int = 8  # aligned lengths: tensor-core friendly, and one compiled graph for all batches
+    audio_from_table: bool = False  # rows carry ``audio_span`` (phi4_pron.audio_cache): table rows, no audio decoded
 
     def __post_init__(self) -> None:
         self.audio_token_id = self.tokenizer.convert_tokens_to_ids(AUDIO_PLACEHOLDER)
@@ -91,10 +94,25 @@ class PronunciationCollator:
             out["audio_attention_mask"] = torch.arange(int(lengths.max()))[None, :] < lengths[:, None]
         return out
 
+    def _audio_rows(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """The cached embeddings' table rows of each recording, one after another, and their counts."""
+        try:
+            spans = [r[AUDIO_SPAN] for r in rows]
+        except KeyError:
+            raise ValueError(
+                f"audio_from_table=True but the rows have no {AUDIO_SPAN!r} column: make the dataset with "
+                "phi4_pron.audio_cache.cache_audio_embeddings."
+            ) from None
+        return {
+            AUDIO_ROWS: torch.cat([torch.arange(start, start + n) for start, n in spans]),
+            "audio_embed_sizes": torch.tensor([n for _, n in spans]),
+        }
+
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        audio = self._audio_features(rows)
+        audio = self._audio_rows(rows) if self.audio_from_table else self._audio_features(rows)
+        sizes = audio.pop("audio_embed_sizes") if self.audio_from_table else audio["audio_embed_sizes"]
         sequences, label_seqs = [], []
-        for row, n_audio in zip(rows, audio["audio_embed_sizes"].tolist(), strict=True):
+        for row, n_audio in zip(rows, sizes.tolist(), strict=True):
             prompt, answer = self._sequence(row, n_audio)
             ids = prompt + answer
             if len(prompt) >= self.max_length or (answer and len(ids) > self.max_length):

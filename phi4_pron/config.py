@@ -87,6 +87,7 @@ class HardwareConfig:
     attn_implementation: str = "sdpa"
     gradient_checkpointing: bool = False
     compile: bool = False  # torch.compile each decoder and audio layer (one compile per run, then faster steps)
+    cache_audio_embeddings: bool = True  # frozen audio encoder run once per run, not at every step (audio_cache.py)
     bf16: bool = True
     dataloader_num_workers: int = 4
 

@@ -201,11 +201,13 @@ def check_audio_file(audio: Any, utt_id: str = "?") -> float:
 
 
 def with_lengths(ds: Dataset, num_tokens: Callable[[dict, float], int] | None = None) -> Dataset:
-    """Check every recording of a split (a broken file stops the run before any model loads) and add a
-    ``length`` column for length-grouped batching: ``num_tokens(row, seconds)`` (the model's sequence length,
-    ``PronunciationCollator.num_tokens``), or without it the duration in centiseconds."""
+    """Check every recording of a split (a broken file stops the run before any model loads) and add its duration
+    (``seconds``) and a ``length`` column for length-grouped batching: ``num_tokens(row, seconds)`` (the model's
+    sequence length, ``PronunciationCollator.num_tokens``), or without it the duration in centiseconds."""
     durations = [check_audio_file(a, u) for u, a in zip(ds["id"], ds["audio"], strict=True)]
     if num_tokens is None:
-        return ds.add_column("length", [round(100 * d) for d in durations])
-    rows = ds.remove_columns("audio").to_list()
-    return ds.add_column("length", [num_tokens(r, d) for r, d in zip(rows, durations, strict=True)])
+        lengths = [round(100 * d) for d in durations]
+    else:
+        rows = ds.remove_columns("audio").to_list()
+        lengths = [num_tokens(r, d) for r, d in zip(rows, durations, strict=True)]
+    return ds.add_column("seconds", durations).add_column("length", lengths)

@@ -95,8 +95,8 @@ def attach_speech_lora(model, lora_cfg: Any, path: str, revision: str | None = N
     return get_peft_model(model, peft_cfg)
 
 
-def compile_layers(model) -> int:
-    """Compile each decoder layer and each (frozen) audio conformer layer in place; returns how many.
+def compile_layers(model, audio: bool = True) -> int:
+    """Compile each decoder layer and (``audio``) each frozen audio conformer layer in place; returns how many.
 
     The decoder layers share one graph (the audio layers two: the first takes bf16, the others the fp32 of a layer
     norm under autocast), compiled with dynamic shapes at the first step, so no later batch length recompiles
@@ -107,7 +107,7 @@ def compile_layers(model) -> int:
     """
     base = model.get_base_model() if isinstance(model, PeftModel) else model
     base.enable_input_require_grads()
-    layers = [*base.model.layers, *base.model.embed_tokens_extend.audio_embed.encoder.encoders]
+    layers = [*base.model.layers, *(base.model.embed_tokens_extend.audio_embed.encoder.encoders if audio else [])]
     for layer in layers:
         layer.compile(dynamic=True)
     return len(layers)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from trl import SFTTrainer
 
+from phi4_pron.audio_cache import AUDIO_ROWS, embed_from_table
+
 
 class PronunciationTrainer(SFTTrainer):
     """SFTTrainer whose training loss is TRL's (answer tokens only, through its fused LM head), computed faster.
@@ -16,11 +18,14 @@ class PronunciationTrainer(SFTTrainer):
     - Right-padded batches (the training collator's) go to the model without their padding mask: causal
       attention alone keeps every real token from seeing the padding after it, so the loss and gradients are
       the same, and SDPA can take its flash kernel instead of the masked memory-efficient one.
+    - With ``audio_table`` (``phi4_pron.audio_cache``), batches name the cached audio embeddings' rows instead of
+      carrying features: the model gets token embeddings with those rows at the audio placeholders.
     Anything else (evaluation, label smoothing, custom losses) goes to TRL unchanged.
     """
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, audio_table: torch.Tensor | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.audio_table = audio_table
         self._batch_sums: list[torch.Tensor] = []  # per batch: answer tokens, entropy sum, top-1 hits, input tokens
 
     def _plain_loss(self, return_outputs: bool) -> bool:
@@ -34,6 +39,8 @@ class PronunciationTrainer(SFTTrainer):
         )
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if AUDIO_ROWS in inputs:
+            inputs = embed_from_table(self.model, inputs, self.audio_table)
         if not self._plain_loss(return_outputs):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         right_padded = getattr(self.data_collator, "padding_side", None) == "right"

@@ -23,6 +23,7 @@ from transformers import set_seed
 from trl import SFTConfig
 
 from phi4_pron import __version__, dist
+from phi4_pron.audio_cache import cache_audio_embeddings
 from phi4_pron.callbacks import EpochCheckpointCallback, EpochEvalCallback, latest_checkpoint
 from phi4_pron.collator import PronunciationCollator
 from phi4_pron.config import LoraInit
@@ -133,9 +134,16 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
     model = load_base_model(
         model_path, cfg.model.revision, getattr(torch, cfg.model.dtype), cfg.hardware.attn_implementation
     )
-    model = attach_speech_lora(model, cfg.lora, model_path, cfg.model.revision)
+    model = attach_speech_lora(model, cfg.lora, model_path, cfg.model.revision).to(args.device)
+    audio_table = None
+    if cfg.hardware.cache_audio_embeddings:
+        batch = cfg.eval.batch_size or cfg.hardware.per_device_eval_batch_size
+        cached = cache_audio_embeddings(model, train_ds, collator, batch, cfg.hardware.dataloader_num_workers)
+        if cached:
+            train_ds, collator, audio_table = cached
     if cfg.hardware.compile:
-        log.info("compiled %d layers (the first steps compile them)", compile_layers(model))
+        n = compile_layers(model, audio=audio_table is None)
+        log.info("compiled %d layers (the first steps compile them)", n)
     adapter = adapter_summary(model)
     log.info(
         "%s: %d trainable parameters of %d (%.3f%%)",
@@ -164,6 +172,7 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
         "effective_batch_size": args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size,
         "world_size": world_size,
         "train_samples": len(train_ds),
+        "audio_embeddings_cached": audio_table is not None,
         "data": {"path": cfg.data.path, "train_split": cfg.data.train_split},
         "training_arguments": args.to_dict(),
         "phi4_pron_version": __version__,
@@ -182,6 +191,7 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
         data_collator=collator,
         processing_class=tokenizer,
         callbacks=[EpochCheckpointCallback(), *([tb] if tb else [])],
+        audio_table=audio_table,
     )
     if cfg.eval.every_epoch:
         eval_ds = load_split(cfg.data.path, cfg.data.eval_split, cfg.data.revision, cfg.eval.limit)
@@ -215,9 +225,10 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
 
 
 def release(trainer: PronunciationTrainer) -> None:
-    """Free the model, optimizer and accelerator memory so the next job of a sweep starts clean."""
+    """Free the model, optimizer, cached audio embeddings and accelerator memory so the next job of a sweep starts
+    clean."""
     trainer.accelerator.free_memory()
-    trainer.model = trainer.model_wrapped = trainer.optimizer = trainer.lr_scheduler = None
+    trainer.model = trainer.model_wrapped = trainer.optimizer = trainer.lr_scheduler = trainer.audio_table = None
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

@@ -53,6 +53,7 @@ def test_training_config_records_the_lora_setup(smoke_run):
     assert tc["effective_batch_size"] == 4
     assert tc["training_arguments"]["gradient_accumulation_steps"] == 1
     assert tc["config_name"] == run_dir.name
+    assert tc["audio_embeddings_cached"] is True  # hardware.cache_audio_embeddings, on by default
 
 
 def test_saved_adapter_reloads_and_generates(smoke_run):

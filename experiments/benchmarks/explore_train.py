@@ -6,13 +6,15 @@ GPU only. Variants of the h100 preset (r64 unless named) in one process, so that
 profiled ones write ``profile-explore-<i>.txt`` (torch.profiler kernel tables of one optimizer step) and
 ``profile-explore-<i>.trace.json.gz`` (its Chrome trace; ``trace_gaps.py`` reads it).
 
-``explore_train.jsonl`` holds two runs of 2026-11-23 (the last 15 rows): the first with variants since replaced
-(TRL's trainer against the PronunciationTrainer, then the NaN check off, fused AdamW, audio features padded to 64
-frames, tokens padded to 32: the last two not adopted and removed), the second with the variants below; and two
-runs of 2026-11-22 (``sdpa_cudnn``: whether SDPA could pick cuDNN's attention).
+``explore_train.jsonl`` holds three runs of 2026-11-23: the last (rows 27-30: variants 0 6 7 1) with the audio
+embeddings cached (the preset since), profiled in ``profile-explore-0.txt``; before it (rows 12-26) two runs, the
+first with variants since replaced (TRL's trainer against the PronunciationTrainer, then the NaN check off, fused
+AdamW, audio features padded to 64 frames, tokens padded to 32: the last two not adopted and removed), the second
+with variants 0-5 below; and two runs of 2026-11-22 (``sdpa_cudnn``: whether SDPA could pick cuDNN's attention).
 Both compiled the decoder layers only (the audio layers came after), and had two switches since removed:
 ``compile_audio`` (the audio layers too: adopted) and ``input_cast: false`` (PEFT's cast of each LoRA input to
-fp32 turned off: no gain, not adopted). The first run's profile is ``profile-explore-cudnn-0.txt``.
+fp32 turned off: no gain, not adopted). The first run's profile is ``profile-explore-cudnn-0.txt``; the profile of
+the preset before the cache is ``profile-explore-audio-every-step.txt``.
 """
 
 import json
@@ -36,6 +38,8 @@ VARIANTS = [  # name, changes to the preset, profiled
     ("h100 preset", bench._preset_train("h100", "r320"), False),
     ("before: TRL's SFTTrainer, AdamW (foreach), NaN check", BEFORE, False),
     ("h100 preset, again", {}, False),
+    ("h100 preset, audio embeddings cached in batches of 64", {"cache_batch": 64}, False),
+    ("h100 preset, audio embeddings cached in batches of 32", {"cache_batch": 32}, False),
 ]
 STEPS = int(os.environ.get("STEPS", 15))
 
