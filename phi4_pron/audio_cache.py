@@ -10,7 +10,7 @@ own ``Phi4MultimodalAudioEmbedding`` writes them. No feature extraction in the d
 training step.
 
 A recording's embeddings depend a little on the padding after it in its batch (the conformer's convolutions see the
-padded frames); duration-sorted batches pad less than the training batches, which are grouped by token count.
+padded frames), cached or not; duration-sorted batches pad as little as the split allows.
 """
 
 from __future__ import annotations

@@ -94,7 +94,7 @@ class PronunciationCollator:
             out["audio_attention_mask"] = torch.arange(int(lengths.max()))[None, :] < lengths[:, None]
         return out
 
-    def _audio_rows(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    def _audio_rows(self, rows: list[dict[str, Any]]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """The cached embeddings' table rows of each recording, one after another, and their counts."""
         try:
             spans = [r[AUDIO_SPAN] for r in rows]
@@ -103,14 +103,15 @@ class PronunciationCollator:
                 f"audio_from_table=True but the rows have no {AUDIO_SPAN!r} column: make the dataset with "
                 "phi4_pron.audio_cache.cache_audio_embeddings."
             ) from None
-        return {
-            AUDIO_ROWS: torch.cat([torch.arange(start, start + n) for start, n in spans]),
-            "audio_embed_sizes": torch.tensor([n for _, n in spans]),
-        }
+        table_rows = torch.cat([torch.arange(start, start + n) for start, n in spans])
+        return {AUDIO_ROWS: table_rows}, torch.tensor([n for _, n in spans])
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        audio = self._audio_rows(rows) if self.audio_from_table else self._audio_features(rows)
-        sizes = audio.pop("audio_embed_sizes") if self.audio_from_table else audio["audio_embed_sizes"]
+        if self.audio_from_table:
+            audio, sizes = self._audio_rows(rows)
+        else:
+            audio = self._audio_features(rows)
+            sizes = audio["audio_embed_sizes"]
         sequences, label_seqs = [], []
         for row, n_audio in zip(rows, sizes.tolist(), strict=True):
             prompt, answer = self._sequence(row, n_audio)
