@@ -135,10 +135,10 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
         model_path, cfg.model.revision, getattr(torch, cfg.model.dtype), cfg.hardware.attn_implementation
     )
     model = attach_speech_lora(model, cfg.lora, model_path, cfg.model.revision).to(args.device)
+    eval_batch = cfg.eval.batch_size or cfg.hardware.per_device_eval_batch_size  # no gradients: inference's batch
     audio_table = None
     if cfg.hardware.cache_audio_embeddings:
-        batch = cfg.eval.batch_size or cfg.hardware.per_device_eval_batch_size
-        cached = cache_audio_embeddings(model, train_ds, collator, batch, cfg.hardware.dataloader_num_workers)
+        cached = cache_audio_embeddings(model, train_ds, collator, eval_batch, cfg.hardware.dataloader_num_workers)
         if cached:
             train_ds, collator, audio_table = cached
     if cfg.hardware.compile:
@@ -202,7 +202,7 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
                 feature_extractor,
                 eval_ds,
                 run_dir,
-                batch_size=cfg.eval.batch_size or cfg.hardware.per_device_eval_batch_size,
+                batch_size=eval_batch,
                 max_new_tokens=cfg.eval.max_new_tokens,
                 tb_writer=tb.tb_writer if tb else None,
             )
