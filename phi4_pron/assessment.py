@@ -9,10 +9,9 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from phi4_pron.answer import parse_answer
+from phi4_pron.answer import join_parsed
 from phi4_pron.data import DataError, check_audio_file
 from phi4_pron.inference import batches, generate_answers, load_adapter_for_inference
-from phi4_pron.io import write_text_atomic
 
 
 def requests(cfg: DictConfig) -> list[dict[str, Any]]:
@@ -46,18 +45,49 @@ def requests(cfg: DictConfig) -> list[dict[str, Any]]:
 
 
 def run_assessment(cfg: DictConfig) -> list[dict[str, Any]]:
+    """Every question of the adapter's task about each recording, answers joined; each result is written (and
+    flushed) as soon as its recording is done, so an interruption loses nothing finished. A recording whose
+    generation fails is reported with its error and counted; the others go on."""
     rows = requests(cfg)
-    model, tokenizer, feature_extractor = load_adapter_for_inference(cfg.model_path)
-    results = []
-    for batch in batches(rows, cfg.batch_size):
-        for row, raw in zip(
-            batch, generate_answers(model, tokenizer, feature_extractor, batch, cfg.max_new_tokens), strict=True
-        ):
-            results.append({"audio": row["audio"], "text": row["text"], "assessment": parse_answer(raw), "raw": raw})
-    lines = "".join(json.dumps(r) + "\n" for r in results)
+    model, tokenizer, feature_extractor, questions = load_adapter_for_inference(cfg.model_path)
+    out = open(cfg.out, "w") if cfg.out else sys.stdout  # noqa: SIM115 - closed below
+    results, failed = [], 0
+    try:
+        for batch in batches(rows, cfg.batch_size):
+            answers = {}
+            for name in questions:
+                asked = [{**row, "question": name} for row in batch]
+                try:
+                    texts = generate_answers(model, tokenizer, feature_extractor, questions, asked, cfg.max_new_tokens)
+                except Exception:  # noqa: BLE001 - one recording at a time, to name the one that fails
+                    texts = [
+                        _one(model, tokenizer, feature_extractor, questions, row, cfg.max_new_tokens) for row in asked
+                    ]
+                answers[name] = texts
+            for i, row in enumerate(batch):
+                raw = {name: answers[name][i] for name in questions}
+                errors = {q: str(a) for q, a in raw.items() if isinstance(a, Exception)}
+                failed += bool(errors)
+                result = {
+                    "audio": row["audio"],
+                    "text": row["text"],
+                    "assessment": None if errors else join_parsed({q: questions[q].parse(a) for q, a in raw.items()}),
+                    "raw": {q: None if isinstance(a, Exception) else a for q, a in raw.items()},
+                    "error": "; ".join(f"{q}: {e}" for q, e in errors.items()) or None,
+                }
+                out.write(json.dumps(result) + "\n")
+                out.flush()
+                results.append(result)
+    finally:
+        if cfg.out:
+            out.close()
     if cfg.out:
-        write_text_atomic(cfg.out, lines)
-        print(f"wrote {len(results)} assessments to {cfg.out}", file=sys.stderr)
-    else:
-        sys.stdout.write(lines)
+        print(f"wrote {len(results)} assessments ({failed} failed) to {cfg.out}", file=sys.stderr)
     return results
+
+
+def _one(model, tokenizer, feature_extractor, questions, row, max_new_tokens) -> str | Exception:
+    try:
+        return generate_answers(model, tokenizer, feature_extractor, questions, [row], max_new_tokens)[0]
+    except Exception as e:  # noqa: BLE001
+        return e

@@ -96,21 +96,29 @@ def cache_audio_embeddings(
     model, dataset: Dataset, collator, batch_size: int, num_workers: int = 0
 ) -> tuple[Dataset, Any, torch.Tensor] | None:
     """The dataset with ``audio_span`` (and no audio), a collator that reads it, and the table; ``None`` (with a
-    warning) where the model's audio embedding differs in training mode."""
+    warning) where the model's audio embedding differs in training mode.
+
+    A recording asked several questions (several rows with its ``id``) is embedded once; its rows share the span.
+    """
     reason = unsupported_reason(model.config)
     if reason:
         log.warning("audio embeddings not cached (computed at every step): %s", reason)
         return None
     t0 = time.perf_counter()
-    table, spans = compute_audio_table(model, dataset, collator, batch_size, num_workers)
+    ids = dataset["id"]
+    first = {}
+    for i, utt in enumerate(ids):
+        first.setdefault(utt, i)
+    table, spans = compute_audio_table(model, dataset.select(list(first.values())), collator, batch_size, num_workers)
+    span_of = dict(zip(first, spans, strict=True))
     log.info(
         "audio embeddings of %d recordings cached: %d x %d (%.0f MiB) in %.1f s",
-        len(dataset),
+        len(first),
         *table.shape,
         table.nbytes / 2**20,
         time.perf_counter() - t0,
     )
-    cached = dataset.remove_columns("audio").add_column(AUDIO_SPAN, spans)
+    cached = dataset.remove_columns("audio").add_column(AUDIO_SPAN, [span_of[u] for u in ids])
     return cached, dataclasses.replace(collator, audio_from_table=True), table
 
 

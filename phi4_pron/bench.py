@@ -377,7 +377,7 @@ def run_training_setting(
         "trainable_params": model.get_nb_trainable_parameters()[0],
     }
     if profiler:
-        from phi4_pron.io import write_text_atomic
+        from phi4_pron.results import write_text_atomic
 
         result["gpu_busy_s_per_step"] = profiler.busy_s
         write_text_atomic(profile, f"{setting['setting']} ({setting['lora']})\n{profiler.table}")
@@ -709,7 +709,7 @@ def main(argv: list[str] | None = None) -> None:
     table = markdown(results, COLUMNS[a.mode])
     print(table)
     if a.out:
-        from phi4_pron.io import write_json_atomic, write_text_atomic
+        from phi4_pron.results import write_json_atomic, write_text_atomic
 
         write_json_atomic(a.out / f"{a.mode}.json", results)
         write_text_atomic(a.out / f"{a.mode}.md", table)

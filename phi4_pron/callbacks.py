@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -12,6 +13,9 @@ import torch
 from transformers import TrainerCallback
 
 from phi4_pron.dist import barrier
+from phi4_pron.results import write_json_atomic
+
+TASK_FILE = "task.json"  # beside every saved adapter: the questions it was trained to answer
 
 
 def saved_epoch(state) -> int:
@@ -23,8 +27,12 @@ class EpochCheckpointCallback(TrainerCallback):
     """Renames the Trainer's ``checkpoint-<step>`` to ``checkpoint-epoch-<N>`` right after it is saved.
 
     The folder keeps everything the Trainer wrote (adapter, optimizer, scheduler, RNG states,
-    ``trainer_state.json``), so ``Trainer.train(resume_from_checkpoint=...)`` continues from it.
+    ``trainer_state.json``), so ``Trainer.train(resume_from_checkpoint=...)`` continues from it, and gets the task's
+    ``task.json`` so that evaluate and assess ask the questions it was trained on.
     """
+
+    def __init__(self, task: dict | None = None):
+        self.task = task
 
     def on_save(self, args, state, control, **kwargs):
         barrier()  # every rank has written its part (its RNG state) before the folder moves
@@ -34,6 +42,8 @@ class EpochCheckpointCallback(TrainerCallback):
         if not src.is_dir():
             return
         dst = Path(args.output_dir) / f"checkpoint-epoch-{saved_epoch(state)}"
+        if self.task is not None:
+            write_json_atomic(src / TASK_FILE, self.task)
         if dst.exists():  # a resumed run re-saving the same epoch
             shutil.rmtree(dst)
         os.replace(src, dst)
@@ -55,7 +65,8 @@ class EpochEvalCallback(TrainerCallback):
     """After each epoch's checkpoint, evaluate on the test split (or ``eval.limit`` utterances) and log it.
 
     Results go to ``<run>/eval/checkpoint-epoch-N/`` (predictions, metrics, plots) and, through
-    ``trainer.log``, to every logger the Trainer reports to, with the epoch number.
+    ``trainer.log``, to every logger the Trainer reports to, with the epoch number. The evaluation leaves training
+    as it found it: the model's train mode and every random generator's state are restored afterwards.
     """
 
     def __init__(
@@ -63,38 +74,64 @@ class EpochEvalCallback(TrainerCallback):
         trainer,
         tokenizer,
         feature_extractor,
+        questions,
         dataset,
         run_dir: Path,
         batch_size: int,
         max_new_tokens: int,
         tb_writer=None,
+        info: dict | None = None,
     ):
         self.trainer, self.tokenizer, self.feature_extractor = trainer, tokenizer, feature_extractor
-        self.dataset, self.run_dir = dataset, Path(run_dir)
+        self.questions, self.dataset, self.run_dir = questions, dataset, Path(run_dir)
         self.batch_size, self.max_new_tokens, self.tb_writer = batch_size, max_new_tokens, tb_writer
+        self.info = info or {}  # written into every metrics.json (the task, the setting)
 
     def on_save(self, args, state, control, model=None, **kwargs):
-        if not state.is_world_process_zero:
-            return
+        if state.is_world_process_zero:
+            self.evaluate(model, saved_epoch(state), state.global_step)
+
+    def evaluate(self, model, epoch: int, step: int) -> dict:
         from phi4_pron.evaluation import HEADLINE, evaluate_model
         from phi4_pron.tracking import log_plots, summarize
 
-        epoch = saved_epoch(state)
         name = f"checkpoint-epoch-{epoch}"
         if torch.cuda.is_available():
             torch.cuda.empty_cache()  # hand the training activations' cache to generation
-        with torch.compiler.set_stance("force_eager"):  # compiled layers (hardware.compile) are for training
+        with preserved_rng(), torch.compiler.set_stance("force_eager"):  # compiled layers are for training
             metrics, plots = evaluate_model(
                 model,
                 self.tokenizer,
                 self.feature_extractor,
+                self.questions,
                 self.dataset,
                 self.run_dir / "eval" / name,
-                self.batch_size,
-                self.max_new_tokens,
-                info={"checkpoint": name, "epoch": epoch, "step": state.global_step},
-                num_workers=args.dataloader_num_workers,
+                batch_size=self.batch_size,
+                max_new_tokens=self.max_new_tokens,
+                info={"checkpoint": name, "epoch": epoch, "step": step, **self.info},
+                num_workers=self.trainer.args.dataloader_num_workers,
             )
         self.trainer.log({f"eval/{k}": metrics[k] for k in HEADLINE})
-        log_plots(plots, state.global_step, self.tb_writer)
+        log_plots(plots, step, self.tb_writer)
         summarize({"epoch": epoch, **{f"table3/{k}": metrics[k] for k in HEADLINE}})
+        return metrics
+
+
+@contextlib.contextmanager
+def preserved_rng():
+    """Python's, numpy's, torch's (and CUDA's) random states restored on exit: what runs inside (generation, data
+    workers) draws nothing that training would otherwise have drawn."""
+    import random
+
+    import numpy as np
+
+    states = (random.getstate(), np.random.get_state(), torch.random.get_rng_state())
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.random.set_rng_state(states[2])
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)

@@ -7,11 +7,12 @@ from typing import Any
 
 import torch
 
-from phi4_pron.answer import AUDIO_PLACEHOLDER, END, prompt_text, target_answer
+from phi4_pron.answer import END, Question
 from phi4_pron.audio_cache import AUDIO_ROWS, AUDIO_SPAN
 from phi4_pron.data import SAMPLING_RATE, decode_audio
 
 IGNORE_INDEX = -100
+QUESTION = "question"  # dataset column: which of the task's questions a row asks (phi4_pron.data.expand_questions)
 
 
 def pad_token_id(tokenizer) -> int:
@@ -19,19 +20,34 @@ def pad_token_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
+def tokenizer_audio_token_id(tokenizer) -> int:
+    """The tokenizer's own audio placeholder (``extra_special_tokens.audio_token``: ``<|endoftext11|>`` in the real
+    checkpoint); ``phi4_pron.modeling.audio_token_id`` also checks it against the model's config."""
+    token_id = getattr(tokenizer, "audio_token_id", None)
+    if token_id is None or token_id == tokenizer.unk_token_id:
+        raise ValueError(
+            "the tokenizer names no audio placeholder (extra_special_tokens.audio_token in tokenizer_config.json): "
+            "is this the native Phi-4-multimodal tokenizer (hub revision refs/pr/70)?"
+        )
+    return token_id
+
+
 @dataclass
 class PronunciationCollator:
-    """Turns corpus rows into model inputs.
+    """Turns corpus rows into model inputs, one question per row (its ``question`` column, or the only one).
 
     Audio becomes log-mel features (padded, with their mask), or with ``audio_from_table`` the rows of the cached
     audio embeddings that each row's ``audio_span`` names (``audio_rows``, see ``phi4_pron.audio_cache``). The
-    prompt's single ``<|audio|>`` becomes one placeholder token per audio embedding, as ``Phi4MultimodalProcessor``
-    does. With ``with_answer`` the target answer, ``<|end|>`` and EOS follow, and ``labels`` copy only those
-    tokens: prompt, audio placeholders and padding are ``-100``. Without it (generation), rows end at ``<|assistant|>``.
+    tokenizer's audio token is put once per audio embedding between the question's control text and its
+    instruction, as ``Phi4MultimodalProcessor`` expands it. The sentence and the answer are tokenised as literal text:
+    a special token's spelling in them never becomes a control token. With ``with_answer`` the target answer,
+    ``<|end|>`` and EOS follow, and ``labels`` copy only those tokens: prompt, audio placeholders and padding are
+    ``-100``. Without it (generation), rows end at ``<|assistant|>``.
     """
 
     tokenizer: Any
     feature_extractor: Any
+    questions: dict[str, Question]
     max_length: int = 2048
     with_answer: bool = True
     padding_side: str = "right"
@@ -39,21 +55,34 @@ class PronunciationCollator:
     audio_from_table: bool = False  # rows carry ``audio_span`` (phi4_pron.audio_cache): table rows, no audio decoded
 
     def __post_init__(self) -> None:
-        self.audio_token_id = self.tokenizer.convert_tokens_to_ids(AUDIO_PLACEHOLDER)
-        if self.audio_token_id is None or self.audio_token_id == self.tokenizer.unk_token_id:
-            raise ValueError(f"the tokenizer has no {AUDIO_PLACEHOLDER} token: is this a Phi-4-multimodal tokenizer?")
+        self.audio_token_id = tokenizer_audio_token_id(self.tokenizer)
         self.pad_token_id = pad_token_id(self.tokenizer)
         self.answer_suffix = END + self.tokenizer.eos_token
+        self._fixed: dict[str, list[int]] = {}  # ids of the template's own pieces, tokenised once
 
-    def _ids(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+    def _ids(self, text: str, literal: bool = False) -> list[int]:
+        if literal:
+            return self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        if text not in self._fixed:
+            self._fixed[text] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self._fixed[text]
+
+    def question(self, row: dict[str, Any]) -> Question:
+        name = row.get(QUESTION)
+        if name is None:
+            if len(self.questions) != 1:
+                raise ValueError(f"row {row.get('id', '?')} names no question; the task asks {list(self.questions)}")
+            return next(iter(self.questions.values()))
+        return self.questions[name]
 
     def _sequence(self, row: dict[str, Any], n_audio: int) -> tuple[list[int], list[int]]:
-        """The prompt's ids (its ``<|audio|>`` as ``n_audio`` placeholders) and the answer's (empty for generation)."""
-        prompt = self._ids(prompt_text(row["text"]))
-        at = prompt.index(self.audio_token_id)
-        prompt = prompt[:at] + [self.audio_token_id] * n_audio + prompt[at + 1 :]
-        answer = self._ids(target_answer(row) + self.answer_suffix) if self.with_answer else []
+        """The prompt's ids (``n_audio`` audio placeholders) and the answer's (empty for generation)."""
+        q = self.question(row)
+        before, after = q.prompt(row["text"])
+        prompt = self._ids(before) + [self.audio_token_id] * n_audio
+        for text, literal in after:
+            prompt = prompt + self._ids(text, literal)
+        answer = self._ids(q.target(row), literal=True) + self._ids(self.answer_suffix) if self.with_answer else []
         return prompt, answer
 
     def padded_length(self, n: int) -> int:

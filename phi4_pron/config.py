@@ -16,6 +16,14 @@ from omegaconf import MISSING, OmegaConf
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
+HUB_MODEL_ID = "microsoft/Phi-4-multimodal-instruct"
+# The hub repo's main branch is the remote-code layout (model_type phi4mm); the native transformers classes load the
+# converted files published as this revision (transformers' own tests load it so).
+NATIVE_REVISION = "refs/pr/70"
+# The speech and vision adapters' target modules, exactly as the published adapter_config.json writes them (PEFT
+# full-matches a string against each module's name: the language model's attention and MLP projections).
+LORA_TARGET_MODULES = r"model.layers.\d+.((self_attn.(qkv|o)_proj)|(mlp.(gate_up|down)_proj))"
+
 
 class LoraInit(str, Enum):
     fresh = "fresh"  # new adapter, B = 0
@@ -26,7 +34,7 @@ class LoraInit(str, Enum):
 class ModelConfig:
     name: str = MISSING
     name_or_path: str = MISSING  # hub id or local folder
-    revision: str | None = None
+    revision: str | None = NATIVE_REVISION  # hub ids only; a local folder is read as it is
     build_tiny: bool = False  # build the tiny random checkpoint at name_or_path when it is missing
     dtype: str = "bfloat16"
     max_length: int = 2048
@@ -40,7 +48,7 @@ class VisionLoraConfig:
 
 
 @dataclass
-class LoraConfig:
+class SpeechLoraConfig:
     name: str = MISSING
     run_name: str = MISSING  # the run folder's name
     description: str = ""
@@ -49,8 +57,26 @@ class LoraConfig:
     r: int = 64
     alpha: int = 128
     dropout: float = 0.05
-    target_modules: str = r".*model\.layers\.\d+\.(self_attn\.(qkv_proj|o_proj)|mlp\.(gate_up_proj|down_proj))"
+    target_modules: str = LORA_TARGET_MODULES  # fresh adapters; a pretrained one keeps its file's
     vision: VisionLoraConfig = field(default_factory=VisionLoraConfig)
+
+
+@dataclass
+class QuestionConfig:
+    """One question per recording (phi4_pron.answer.Question)."""
+
+    instruction: str = MISSING  # after the audio; {text} stands for the prompt sentence
+    fields: list[str] = MISSING  # accuracy fluency prosodic total transcript phones mispronunciations
+    control: str = ""  # plain text between <|user|> and the audio, e.g. <|APA|>
+    keys: dict[str, str] = field(default_factory=dict)  # field -> JSON key where they differ
+
+
+@dataclass
+class TaskConfig:
+    name: str = MISSING
+    description: str = ""
+    comparable_with_paper: bool = False  # may its WER/PER stand beside the paper's (no sentence in any prompt)?
+    questions: dict[str, QuestionConfig] = MISSING
 
 
 @dataclass
@@ -113,6 +139,7 @@ class LoggerConfig:
 @dataclass
 class EvalConfig:
     every_epoch: bool = True  # evaluate after each epoch's checkpoint, inside training
+    before_training: bool = False  # and once before the first step (eval/checkpoint-epoch-0: the paper's epoch 0)
     limit: int | None = None  # first N utterances of the eval split; None = all
     max_new_tokens: int = 256
     batch_size: int | None = None  # None = hardware.per_device_eval_batch_size
@@ -122,7 +149,8 @@ class EvalConfig:
 @dataclass
 class TrainConfig:
     model: ModelConfig = MISSING
-    lora: LoraConfig = MISSING
+    lora: SpeechLoraConfig = MISSING
+    task: TaskConfig = MISSING
     optim: OptimConfig = MISSING
     data: DataConfig = MISSING
     hardware: HardwareConfig = MISSING
@@ -131,9 +159,11 @@ class TrainConfig:
     experiment_name: str = "default"
     experiment_description: str = ""
     output_root: str = "output"
-    run_name: str = "${lora.run_name}"
+    run_name: str = "${lora.run_name}${if:${train_audio_encoder},_unfreeze,''}"
     cache_dir: str = "${oc.env:PHI4_PRON_CACHE,'~/.cache/phi4_pron'}"
     seed: int = 42
+    # "Unfreeze" (the paper's Table 3): the audio encoder and its projection train with the LoRA (no audio cache)
+    train_audio_encoder: bool = False
     resume: str = "auto"  # auto: continue from the run folder's newest checkpoint if any; true: must; false: never
 
 
@@ -147,6 +177,7 @@ class EvaluateConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     # None: as the run was trained (its training_config.json); or pick a group option, e.g. data=mini
     data: DataConfig | None = None
+    task: TaskConfig | None = None  # None: the questions saved with the adapter (task.json)
     hardware: HardwareConfig | None = None
     logger: LoggerConfig | None = None
     out_dir: str = "${eval_out_dir:${run_dir},${checkpoint},${predictions}}"
@@ -167,8 +198,8 @@ class AssessConfig:
 
 
 def _eval_out_dir(run_dir: str | None, checkpoint: str, predictions: str | None) -> str:
-    if predictions:
-        return str(Path(predictions).expanduser().parent)
+    if predictions:  # beside the originals, never over them
+        return str(Path(predictions).expanduser().parent / "rescored")
     if not run_dir:
         return "."
     return str(Path(run_dir) / "eval" / checkpoint)
@@ -178,6 +209,8 @@ def register_configs() -> None:
     """Register the schema and the ``repo_root`` resolver; safe to call more than once."""
     if not OmegaConf.has_resolver("repo_root"):
         OmegaConf.register_new_resolver("repo_root", lambda: str(REPO_ROOT))
+    if not OmegaConf.has_resolver("if"):
+        OmegaConf.register_new_resolver("if", lambda cond, yes, no="": yes if cond else no)
     if not OmegaConf.has_resolver("job_dirname"):
         from phi4_pron.sweep import job_dirname
 

@@ -15,7 +15,7 @@ word annotations, ``phones`` as a list).
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -211,3 +211,11 @@ def with_lengths(ds: Dataset, num_tokens: Callable[[dict, float], int] | None = 
         rows = ds.remove_columns("audio").to_list()
         lengths = [num_tokens(r, d) for r, d in zip(rows, durations, strict=True)]
     return ds.add_column("seconds", durations).add_column("length", lengths)
+
+
+def expand_questions(ds: Dataset, questions: Sequence[str]) -> Dataset:
+    """Each recording once per question (the ``question`` column): the paper's task trains on an APA and an MDD
+    sample of every recording. A single-question task keeps one row per recording."""
+    from datasets import concatenate_datasets
+
+    return concatenate_datasets([ds.add_column("question", [name] * len(ds)) for name in questions])

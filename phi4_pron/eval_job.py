@@ -9,8 +9,9 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from phi4_pron.answer import Question, questions_from_config
 from phi4_pron.data import load_split
-from phi4_pron.evaluation import HEADLINE, evaluate_model, read_predictions, reparse, score, write_results
+from phi4_pron.evaluation import HEADLINE, evaluate_model, read_predictions, reparse, score, task_info, write_results
 from phi4_pron.inference import load_adapter_for_inference
 from phi4_pron.modeling import ModelPathError
 from phi4_pron.report import write_table3
@@ -27,13 +28,30 @@ def training_config(run_dir: Path) -> DictConfig:
     return OmegaConf.create(json.loads(file.read_text())["config"])
 
 
+def rescoring_questions(cfg: DictConfig, predictions: Path) -> tuple[dict[str, Question], dict[str, Any]]:
+    """The task of saved predictions: ``task=`` if given, else the one their metrics.json or run folder names."""
+    if cfg.task is not None:
+        return questions_from_config(cfg.task), task_info(cfg.task)
+    metrics_file = predictions.parent / "metrics.json"
+    if metrics_file.exists() and "task_config" in (saved := json.loads(metrics_file.read_text())):
+        info = {k: saved[k] for k in ("task", "comparable_with_paper", "train_audio_encoder", "task_config")}
+        return questions_from_config(saved["task_config"]), info
+    raise ValueError(
+        f"{predictions}: no metrics.json with the task beside it; say which questions were asked: task=paper or "
+        "task=joint."
+    )
+
+
 def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
     out_dir = Path(cfg.out_dir)
     if cfg.predictions:
-        records = reparse(read_predictions(Path(cfg.predictions)))
+        predictions = Path(cfg.predictions)
+        questions, info = rescoring_questions(cfg, predictions)
+        records = reparse(read_predictions(predictions), questions)
         metrics = score(records)
-        write_results(out_dir, records, metrics, info={"rescored_from": str(cfg.predictions)})
+        write_results(out_dir, records, metrics, info={**info, "rescored_from": str(predictions)})
         print(json.dumps({k: metrics[k] for k in HEADLINE}, indent=2))
+        log.info("re-scored results in %s (the originals beside %s are unchanged)", out_dir, predictions)
         return metrics
     if not cfg.run_dir:
         raise ValueError("give run_dir=<training run folder> (or predictions=<predictions.jsonl> to re-score).")
@@ -47,23 +65,32 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
     hardware = cfg.hardware or trained.hardware
     run_cfg = OmegaConf.merge(trained, {"logger": cfg.logger or trained.logger})
 
-    model, tokenizer, feature_extractor = load_adapter_for_inference(
+    model, tokenizer, feature_extractor, questions = load_adapter_for_inference(
         ckpt,
         dtype=trained.model.dtype,
         attn_implementation=hardware.attn_implementation,
         device="cpu" if hardware.num_gpus == 0 else None,
     )
+    task_cfg = cfg.task or trained.task
+    if cfg.task is not None:
+        questions = questions_from_config(cfg.task)
     dataset = load_split(data.path, data.eval_split, data.revision, cfg.eval.limit)
     wandb_run = start_wandb(run_cfg, run_dir, job_type="eval", name=f"{trained.run_name}/{cfg.checkpoint}")
     metrics, plots = evaluate_model(
         model,
         tokenizer,
         feature_extractor,
+        questions,
         dataset,
         out_dir,
         batch_size=cfg.eval.batch_size or hardware.per_device_eval_batch_size,
         max_new_tokens=cfg.eval.max_new_tokens,
-        info={"checkpoint": cfg.checkpoint, "data": data.path, "split": data.eval_split},
+        info={
+            "checkpoint": cfg.checkpoint,
+            "data": data.path,
+            "split": data.eval_split,
+            **task_info(task_cfg, bool(trained.get("train_audio_encoder", False))),
+        },
         num_workers=hardware.dataloader_num_workers,
         compiled=hardware.compile if cfg.eval.compile is None else cfg.eval.compile,
     )

@@ -18,23 +18,36 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from phi4_pron.answer import SCORE_KEYS, canonical_phones, mispronounced_flags, parse_answer, pronounced_phones
+from phi4_pron.answer import (
+    SCORE_KEYS,
+    Question,
+    canonical_phones,
+    join_parsed,
+    mispronounced_flags,
+    pronounced_phones,
+)
+from phi4_pron.data import expand_questions
 from phi4_pron.inference import generate_answers, generate_from_batch, generation_collator, static_cache_len
-from phi4_pron.io import write_json_atomic, write_text_atomic
 from phi4_pron.metrics import detected_mispronunciations, mdd_scores, pcc, per, wer
+from phi4_pron.paper import HEADLINE
+from phi4_pron.results import write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 
-# Ahn & Nam (arXiv 2509.02915), Table 3, LoRA-only fine-tuning, epoch 3.
-PAPER_ROW = {
-    "pcc_accuracy": 0.656,
-    "pcc_fluency": 0.727,
-    "pcc_prosodic": 0.711,
-    "pcc_total": 0.675,
-    "wer": 0.140,
-    "per": 0.114,
-    "mdd_f1": 0.724,
-}
+__all__ = ["HEADLINE", "evaluate_model", "generate_records", "read_predictions", "reparse", "score", "write_results"]
+
+
+def task_info(task_cfg: Any, train_audio_encoder: bool = False) -> dict[str, Any]:
+    """What metrics.json says about the questions behind its numbers (``report`` and re-scoring read it)."""
+    from omegaconf import OmegaConf
+
+    task = OmegaConf.to_container(task_cfg, resolve=True) if OmegaConf.is_config(task_cfg) else dict(task_cfg)
+    return {
+        "task": task["name"],
+        "comparable_with_paper": bool(task.get("comparable_with_paper")),
+        "train_audio_encoder": train_audio_encoder,
+        "task_config": task,
+    }
 
 
 def reference(row: dict[str, Any]) -> dict[str, Any]:
@@ -62,78 +75,103 @@ class _CollateOrError:
             return meta, e
 
 
-def _texts(dataset) -> list[str]:
-    return list(dataset["text"]) if hasattr(dataset, "column_names") else [r["text"] for r in dataset]
-
-
 def generate_records(
     model,
     tokenizer,
     feature_extractor,
+    questions: dict[str, Question],
     dataset,
+    *,
     batch_size: int,
     max_new_tokens: int,
     progress: bool = True,
     num_workers: int = 0,
     compiled: bool = False,
 ) -> list[dict[str, Any]]:
-    """One record per row, in the dataset's order: id, raw answer, parsed answer (None if unparseable), reference,
-    error.
+    """One record per recording, in the dataset's order: id, raw answers (question -> text), the answers parsed and
+    joined into one dict of fields (None if none parses), reference, error (None, or why a question failed).
 
-    Rows are batched by prompt length (little padding, and a batch's answers end at about the same step), and
-    ``num_workers`` DataLoader processes decode and featurize the next batches while the GPU generates.
+    Every question of every recording is one prompt; prompts are batched by length (little padding, and a batch's
+    answers end at about the same step), the questions of the task mixed in the same batches, and ``num_workers``
+    DataLoader processes decode and featurize the next batches while the GPU generates.
     ``compiled``: a static cache and compiled decoding steps (:func:`inference.generate_from_batch`) of one shape
-    for the whole split, so that it compiles once: longest texts first, the first batch's cache length for every
-    batch (a longer prompt later costs a recompile), and the last batch filled up with repeats of its first row.
+    for the whole split, so that it compiles once: longest prompts first, the first batch's cache length for every
+    batch (a longer prompt later costs a recompile), and the last batch filled up with repeats of its first prompt.
     """
-    texts = _texts(dataset)
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]), reverse=compiled)
+    names = list(questions)
+    n = len(dataset)
+    prompts = expand_questions(dataset, names)  # prompt j asks question names[j // n] about recording j % n
+    texts = list(dataset["text"])
+    size = [len(questions[names[j // n]].instruction) + len(texts[j % n]) for j in range(len(prompts))]
+    order = sorted(range(len(prompts)), key=size.__getitem__, reverse=compiled)
     index_batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     if compiled and index_batches:
         index_batches[-1] += index_batches[-1][:1] * (batch_size - len(index_batches[-1]))
     cache_len = None
-    collator = generation_collator(tokenizer, feature_extractor)
+    collator = generation_collator(tokenizer, feature_extractor, questions)
     loader = DataLoader(
-        dataset,
+        prompts,
         batch_sampler=index_batches,
         collate_fn=_CollateOrError(collator),
         num_workers=num_workers,
         pin_memory=torch.cuda.is_available(),
     )
-    records: list[dict[str, Any] | None] = [None] * len(texts)
-    bar = tqdm(total=len(texts), desc="evaluating", unit="utt", disable=not progress)
+    answers: list[str | Exception | None] = [None] * len(prompts)
+    meta: list[dict[str, Any] | None] = [None] * n
+    bar = tqdm(total=len(prompts), desc="evaluating", unit="prompt", disable=not progress)
     for indices, (rows, batch) in zip(index_batches, loader, strict=True):
         try:
             if isinstance(batch, Exception):
                 raise batch
             if compiled and cache_len is None:
                 cache_len = static_cache_len(batch["input_ids"].shape[1], max_new_tokens)
-            answers: list[str | Exception] = generate_from_batch(model, tokenizer, batch, max_new_tokens, cache_len)
+            out: list[str | Exception] = generate_from_batch(model, tokenizer, batch, max_new_tokens, cache_len)
         except Exception:  # find the culprit(s): retry one by one, reading the rows (audio too) again
-            answers = []
-            for row in (dataset[i] for i in indices):
+            out = []
+            for j in indices:
+                row = prompts[j]
                 try:
-                    answers += generate_answers(model, tokenizer, feature_extractor, [row], max_new_tokens)
+                    out += generate_answers(model, tokenizer, feature_extractor, questions, [row], max_new_tokens)
                 except Exception as e:
-                    log.warning("utterance %s failed: %s", row["id"], e)
-                    answers.append(e)
-        for i, row, answer in zip(indices, rows, answers, strict=True):
-            failed = isinstance(answer, Exception)
-            records[i] = {
-                "id": row["id"],
-                "raw": None if failed else answer,
-                "parsed": None if failed else parse_answer(answer),
-                "error": f"{type(answer).__name__}: {answer}" if failed else None,
-                "reference": reference(row),
-            }
+                    log.warning("utterance %s (%s) failed: %s", row["id"], row["question"], e)
+                    out.append(e)
+        for j, row, answer in zip(indices, rows, out, strict=True):
+            answers[j] = answer
+            meta[j % n] = row
         bar.update(len(set(indices)))
     bar.close()
-    return records
+    return [_record(meta[i], {q: answers[k * n + i] for k, q in enumerate(names)}, questions) for i in range(n)]
 
 
-def reparse(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Parse saved raw answers again (re-scoring needs no model)."""
-    return [{**r, "parsed": None if r.get("raw") is None else parse_answer(r["raw"])} for r in records]
+def _record(row: dict[str, Any], answers: dict[str, str | Exception], questions: dict[str, Question]) -> dict:
+    errors = {q: f"{type(a).__name__}: {a}" for q, a in answers.items() if isinstance(a, Exception)}
+    raw = {q: None if isinstance(a, Exception) else a for q, a in answers.items()}
+    return {
+        "id": row["id"],
+        "raw": raw,
+        "parsed": None if errors else join_parsed({q: questions[q].parse(a) for q, a in raw.items()}),
+        "error": "; ".join(f"{q}: {e}" for q, e in errors.items()) if errors else None,
+        "reference": reference(row),
+    }
+
+
+def reparse(records: list[dict[str, Any]], questions: dict[str, Question]) -> list[dict[str, Any]]:
+    """Parse saved raw answers again (re-scoring needs no model). A raw answer saved as one string (the format before
+    tasks) is read by the task's only question."""
+    out = []
+    for r in records:
+        raw = r.get("raw")
+        if isinstance(raw, str):
+            if len(questions) != 1:
+                raise ValueError(f"record {r.get('id')}: one raw answer, but the task asks {list(questions)}")
+            raw = {next(iter(questions)): raw}
+        unknown = set(raw or {}) - set(questions)
+        if unknown:
+            raise ValueError(f"record {r.get('id')}: answers to {sorted(unknown)}, which the task does not ask")
+        failed = raw is None or any(v is None for v in raw.values())
+        parsed = None if failed else join_parsed({q: questions[q].parse(v) for q, v in raw.items()})
+        out.append({**r, "raw": raw, "parsed": parsed})
+    return out
 
 
 def score(records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -203,8 +241,10 @@ def evaluate_model(
     model,
     tokenizer,
     feature_extractor,
+    questions: dict[str, Question],
     dataset,
     out_dir: Path,
+    *,
     batch_size: int,
     max_new_tokens: int,
     info: dict[str, Any] | None = None,
@@ -219,9 +259,10 @@ def evaluate_model(
             model,
             tokenizer,
             feature_extractor,
+            questions,
             dataset,
-            batch_size,
-            max_new_tokens,
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens,
             num_workers=num_workers,
             compiled=compiled,
         )
@@ -231,21 +272,6 @@ def evaluate_model(
     plots = write_results(out_dir, records, metrics, info)
     log.info("%s: %s", out_dir, {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})
     return metrics, plots
-
-
-HEADLINE = [
-    "pcc_accuracy",
-    "pcc_fluency",
-    "pcc_prosodic",
-    "pcc_total",
-    "wer",
-    "per",
-    "mdd_precision",
-    "mdd_recall",
-    "mdd_f1",
-    "n_failed",
-    "n_unparseable",
-]
 
 
 def read_predictions(path: Path) -> list[dict[str, Any]]:

@@ -8,14 +8,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import PeftModel
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from phi4_pron.answer import END
+from phi4_pron.answer import END, Question, questions_from_config
+from phi4_pron.callbacks import TASK_FILE
 from phi4_pron.collator import PronunciationCollator, pad_token_id
-from phi4_pron.modeling import ModelPathError, load_base_model, load_tokenizer_and_features
+from phi4_pron.modeling import (
+    ADAPTER_CONFIG,
+    ModelPathError,
+    attach_lora_from,
+    audio_token_id,
+    load_base_model,
+    load_tokenizer_and_features,
+)
 
 DECODE_ATTENTION = "sdpa_packed_decode"
 
@@ -47,13 +54,15 @@ def load_adapter_for_inference(
     device: str | None = None,
     merge: bool = True,
 ):
-    """Base model named in ``adapter_config.json`` + the adapter, with the tokenizer saved beside it.
+    """(model, tokenizer, feature extractor, questions): the base model named in ``adapter_config.json`` with the
+    adapter (any key layout, every tensor checked), the processing saved beside it, and the questions of its
+    ``task.json`` (a run's final_model/ or checkpoint-epoch-N/).
 
     ``merge`` folds the LoRA weights into the base weights: the same function, and generation 1.6x faster
     (experiments/benchmarks/eval.md). ``sdpa`` becomes :data:`DECODE_ATTENTION` (the same, faster compiled).
     """
     adapter_dir = Path(adapter_dir)
-    config_file = adapter_dir / "adapter_config.json"
+    config_file = adapter_dir / ADAPTER_CONFIG
     if not config_file.exists():
         raise ModelPathError(
             f"{adapter_dir} has no adapter_config.json: give a run's final_model/ or checkpoint-epoch-N/ folder."
@@ -62,10 +71,12 @@ def load_adapter_for_inference(
     base = adapter_cfg.get("base_model_name_or_path")
     if not base:
         raise ModelPathError(f"{config_file} names no base_model_name_or_path; set it to the base checkpoint.")
+    questions = saved_questions(adapter_dir)
+    revision = None if Path(base).expanduser().is_dir() else adapter_cfg.get("revision")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch_dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
-    model = load_base_model(base, adapter_cfg.get("revision"), torch_dtype, attn_implementation)
-    model = PeftModel.from_pretrained(model, adapter_dir)
+    model = load_base_model(base, revision, torch_dtype, attn_implementation)
+    model, _ = attach_lora_from(model, str(adapter_dir))
     model = (model.merge_and_unload() if merge else model).to(device).eval()
     if model.config._attn_implementation == "sdpa":
         model.set_attn_implementation(DECODE_ATTENTION)
@@ -73,8 +84,23 @@ def load_adapter_for_inference(
     if has_processing:
         tokenizer, feature_extractor = load_tokenizer_and_features(str(adapter_dir))
     else:
-        tokenizer, feature_extractor = load_tokenizer_and_features(base, adapter_cfg.get("revision"))
-    return model, tokenizer, feature_extractor
+        tokenizer, feature_extractor = load_tokenizer_and_features(base, revision)
+    audio_token_id(tokenizer, model.config)
+    return model, tokenizer, feature_extractor, questions
+
+
+def saved_questions(adapter_dir: Path) -> dict[str, Question]:
+    """The questions an adapter was trained on: its ``task.json``, else its run's ``training_config.json``."""
+    task_file = adapter_dir / TASK_FILE
+    if task_file.exists():
+        return questions_from_config(json.loads(task_file.read_text()))
+    run_record = adapter_dir.parent / "training_config.json"
+    if run_record.exists() and "task" in json.loads(run_record.read_text())["config"]:
+        return questions_from_config(json.loads(run_record.read_text())["config"]["task"])
+    raise ModelPathError(
+        f"{adapter_dir} has no {TASK_FILE} (and no training_config.json beside it): the questions this adapter "
+        "answers are unknown. Copy the run's task.json there."
+    )
 
 
 def batches(rows: Sequence[Any], size: int) -> Iterator[list[Any]]:
@@ -82,9 +108,14 @@ def batches(rows: Sequence[Any], size: int) -> Iterator[list[Any]]:
         yield [rows[j] for j in range(i, min(i + size, len(rows)))]
 
 
-def generation_collator(tokenizer, feature_extractor) -> PronunciationCollator:
+def generation_collator(tokenizer, feature_extractor, questions: dict[str, Question]) -> PronunciationCollator:
     """Prompts only, padded on the left so every row's answer starts at the same position."""
-    return PronunciationCollator(tokenizer, feature_extractor, with_answer=False, padding_side="left")
+    return PronunciationCollator(tokenizer, feature_extractor, questions, with_answer=False, padding_side="left")
+
+
+def placeholder_ids(config) -> list[int]:
+    """The audio and image placeholder ids of a Phi-4-multimodal config."""
+    return [config.audio_config.audio_token_id, config.vision_config.image_token_id]
 
 
 STATIC_CACHE_STEP = 64  # a static cache's length is rounded up to a multiple of this
@@ -118,14 +149,22 @@ def generate_from_batch(
         # as a batched matmul reading the whole 200k-token weight once per row (0.1 s a batch of 256); an index
         # tensor copies the positions first, and the LM head is one matmul.
         logits_to_keep=torch.tensor([-1], device=device),
+        # an answer never holds a modality placeholder: one generated would be read as audio at the next step
+        suppress_tokens=placeholder_ids(model.config),
         **extra,
     )
     return tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
 def generate_answers(
-    model, tokenizer, feature_extractor, rows: list[dict[str, Any]], max_new_tokens: int = 256
+    model,
+    tokenizer,
+    feature_extractor,
+    questions: dict[str, Question],
+    rows: list[dict[str, Any]],
+    max_new_tokens: int = 256,
 ) -> list[str]:
-    """Greedy answers for one batch of rows (each with ``audio`` and ``text``), prompt stripped."""
-    batch = generation_collator(tokenizer, feature_extractor)(rows)
+    """Greedy answers for one batch of rows (each with ``audio``, ``text`` and, where the task asks several, its
+    ``question``), prompt stripped."""
+    batch = generation_collator(tokenizer, feature_extractor, questions)(rows)
     return generate_from_batch(model, tokenizer, batch, max_new_tokens)

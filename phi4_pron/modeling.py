@@ -1,4 +1,10 @@
-"""Load Phi-4-multimodal (native transformers classes, safetensors only) and put the speech LoRA on it."""
+"""Load Phi-4-multimodal as it is published (native transformers classes, safetensors only) and put a LoRA on it.
+
+The published checkpoint, as a user downloads it: the native layout is the hub revision ``refs/pr/70`` (``main`` is the
+remote-code layout, ``model_type: phi4mm``, which the native classes cannot read); the audio placeholder is the
+tokenizer's ``audio_token`` (``<|endoftext11|>``, id 200011); ``speech-lora/`` stores its tensors without PEFT's
+``base_model.model.`` prefix. Every one of these is checked here, before training starts.
+"""
 
 from __future__ import annotations
 
@@ -8,18 +14,28 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import LoraConfig as PeftLoraConfig
-from peft import PeftConfig, PeftModel, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from transformers import AutoFeatureExtractor, AutoModelForCausalLM, AutoTokenizer
 
-from phi4_pron.config import REPO_ROOT, LoraInit
+from phi4_pron.config import HUB_MODEL_ID, NATIVE_REVISION, REPO_ROOT, LoraInit
 from phi4_pron.tiny_model import ensure_tiny_checkpoint
 
 log = logging.getLogger(__name__)
 
+NATIVE_MODEL_TYPE = "phi4_multimodal"
+PEFT_PREFIX = "base_model.model."  # what PEFT's save_pretrained puts before every key; the published files lack it
+ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+# "Unfreeze" (train_audio_encoder): the audio encoder and its speech projection, trained and saved with the adapter
+# (PEFT's modules_to_save: names matched at the end of module paths; the vision-speech projection is not used)
+AUDIO_MODULES = ("audio_embed.encoder", "audio_embed.up_proj_for_speech", "audio_embed.down_proj_for_speech")
+
 
 class ModelPathError(FileNotFoundError):
-    """The model folder or hub id cannot be used; the message says what to do."""
+    """The model folder, hub id or its files cannot be used as they are; the message says what to do."""
+
+
+class AdapterLoadError(ValueError):
+    """An adapter file whose tensors do not all land in the model (or do not fill it); names the keys."""
 
 
 def resolve_model_path(model_cfg: Any) -> str:
@@ -38,9 +54,46 @@ def resolve_model_path(model_cfg: Any) -> str:
     if path.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
         raise ModelPathError(
             f"model.name_or_path={name!r} does not exist. Give a local checkpoint folder or a "
-            "hub id such as microsoft/Phi-4-multimodal-instruct."
+            f"hub id such as {HUB_MODEL_ID}."
         )
     return name
+
+
+def checkpoint_file(path: str, filename: str, revision: str | None = None, subfolder: str | None = None) -> Path:
+    """One file of a checkpoint: from the local folder, or downloaded from the hub at ``revision``."""
+    local = Path(path).expanduser()
+    if local.is_dir():
+        file = local / (subfolder or "") / filename
+        if not file.exists():
+            raise ModelPathError(
+                f"{file} is missing: the checkpoint folder {local} lacks {subfolder or '.'}/{filename}."
+            )
+        return file
+    from huggingface_hub import hf_hub_download
+
+    return Path(hf_hub_download(path, filename, subfolder=subfolder, revision=revision))
+
+
+def download_hint(revision: str = NATIVE_REVISION) -> str:
+    return f"hf download {HUB_MODEL_ID} --revision {revision} --local-dir Phi-4-multimodal-instruct"
+
+
+def check_native_layout(path: str, revision: str | None = None) -> dict[str, Any]:
+    """The checkpoint's ``config.json``; a remote-code layout stops here, before any weights load."""
+    config_file = checkpoint_file(path, "config.json", revision)
+    config = json.loads(config_file.read_text())
+    model_type = config.get("model_type")
+    if model_type != NATIVE_MODEL_TYPE or "auto_map" in config:
+        where = f"{path} at revision {revision}" if not Path(path).expanduser().is_dir() else str(path)
+        raise ModelPathError(
+            f"{where} is not the native transformers layout of Phi-4-multimodal: {config_file} says "
+            f"model_type={model_type!r}{' with an auto_map (remote code)' if 'auto_map' in config else ''}, "
+            f"and this project loads {NATIVE_MODEL_TYPE!r} with the native Phi4MultimodalForCausalLM (no "
+            f"trust_remote_code). The hub's main branch is the remote-code layout; the native files are revision "
+            f"{NATIVE_REVISION}. Use model.revision={NATIVE_REVISION} with the hub id, or download them:\n    "
+            f"{download_hint()}\nand set model.name_or_path=Phi-4-multimodal-instruct."
+        )
+    return config
 
 
 def load_tokenizer_and_features(path: str, revision: str | None = None):
@@ -48,6 +101,23 @@ def load_tokenizer_and_features(path: str, revision: str | None = None):
     tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
     feature_extractor = AutoFeatureExtractor.from_pretrained(path, revision=revision)
     return tokenizer, feature_extractor
+
+
+def audio_token_id(tokenizer, model_config: Any | None = None) -> int:
+    """The tokenizer's own audio placeholder id (``tokenizer.audio_token``), checked against the model's config."""
+    token, token_id = getattr(tokenizer, "audio_token", None), getattr(tokenizer, "audio_token_id", None)
+    if token is None or token_id is None or token_id == tokenizer.unk_token_id:
+        raise ModelPathError(
+            "the tokenizer names no audio placeholder (extra_special_tokens.audio_token in tokenizer_config.json): "
+            f"it is not the native Phi-4-multimodal tokenizer. Load revision {NATIVE_REVISION} ({download_hint()})."
+        )
+    expected = getattr(getattr(model_config, "audio_config", None), "audio_token_id", None)
+    if model_config is not None and token_id != expected:
+        raise ModelPathError(
+            f"the tokenizer's audio token {token!r} is id {token_id}, the model's config.audio_config.audio_token_id "
+            f"is {expected}: tokenizer and model come from different checkpoints. Load both from one folder."
+        )
+    return token_id
 
 
 def keep_sdpa_off_cudnn() -> None:
@@ -59,40 +129,99 @@ def keep_sdpa_off_cudnn() -> None:
 
 
 def load_base_model(path: str, revision: str | None, dtype: torch.dtype, attn_implementation: str):
-    """The base checkpoint (safetensors only), for training and for inference alike."""
+    """The base checkpoint (native layout checked first, safetensors only), for training and inference alike."""
+    check_native_layout(path, revision)
     keep_sdpa_off_cudnn()
     return AutoModelForCausalLM.from_pretrained(
         path, revision=revision, dtype=dtype, attn_implementation=attn_implementation, use_safetensors=True
     )
 
 
-def attach_speech_lora(model, lora_cfg: Any, path: str, revision: str | None = None) -> PeftModel:
-    """The trainable speech adapter: the checkpoint's own (``init=pretrained``) or a fresh one."""
+def load_lora_weights(model: PeftModel, file: Path) -> int:
+    """Put every tensor of an adapter file into ``model``'s adapter; returns how many.
+
+    Keys with or without PEFT's prefix are accepted (the published ``speech-lora/`` has none, a PEFT-saved adapter
+    has it). A file tensor with no place in the model, a model adapter tensor the file lacks, a shape mismatch, or a
+    value that did not land is an error naming the keys: a partly loaded adapter would train as a fresh one.
+    """
+    from safetensors.torch import load_file
+
+    state = {(k if k.startswith(PEFT_PREFIX) else PEFT_PREFIX + k): v for k, v in load_file(file).items()}
+    expected = get_peft_model_state_dict(model)
+    unexpected, missing = sorted(set(state) - set(expected)), sorted(set(expected) - set(state))
+    wrong_shape = [k for k in set(state) & set(expected) if state[k].shape != expected[k].shape]
+    if unexpected or missing or wrong_shape:
+        raise AdapterLoadError(
+            f"{file} does not fit the model's LoRA ({len(state)} tensors in the file, {len(expected)} in the model): "
+            f"{len(unexpected)} without a place (e.g. {unexpected[:3]}), {len(missing)} missing (e.g. {missing[:3]}), "
+            f"{len(wrong_shape)} of another shape (e.g. {wrong_shape[:3]}). Is it this checkpoint's adapter?"
+        )
+    set_peft_model_state_dict(model, state)
+    loaded = get_peft_model_state_dict(model)
+    differ = [k for k, v in state.items() if not torch.equal(loaded[k].cpu(), v.to(loaded[k].dtype))]
+    if differ:
+        raise AdapterLoadError(f"{file}: {len(differ)} tensors did not land in the model, e.g. {differ[:3]}.")
+    return len(state)
+
+
+def attach_lora_from(
+    model,
+    path: str,
+    subfolder: str | None = None,
+    revision: str | None = None,
+    dropout: float | None = None,
+    modules_to_save: list[str] | None = None,
+) -> tuple[PeftModel, int]:
+    """An adapter folder (local or hub, published or PEFT-saved layout) on ``model``: (PEFT model, tensors loaded).
+
+    r, alpha, target modules and saved modules are the file's; ``dropout`` replaces the file's when given (training),
+    ``modules_to_save`` adds modules to train (the file's must then not have its own).
+    """
+    file_cfg = json.loads(checkpoint_file(path, ADAPTER_CONFIG, revision, subfolder).read_text())
+    peft_cfg = LoraConfig(
+        r=file_cfg["r"],
+        lora_alpha=file_cfg["lora_alpha"],
+        lora_dropout=file_cfg.get("lora_dropout", 0.0) if dropout is None else dropout,
+        target_modules=file_cfg["target_modules"],
+        modules_to_save=file_cfg.get("modules_to_save") or modules_to_save,
+        task_type="CAUSAL_LM",
+    )
+    peft_model = get_peft_model(model, peft_cfg, revision=revision)
+    n = load_lora_weights(peft_model, checkpoint_file(path, ADAPTER_WEIGHTS, revision, subfolder))
+    return peft_model, n
+
+
+def attach_speech_lora(
+    model, lora_cfg: Any, path: str, revision: str | None = None, modules_to_save: list[str] | None = None
+) -> tuple[PeftModel, int]:
+    """The trainable speech adapter: the checkpoint's own (``init=pretrained``) or a fresh one; and how many of its
+    tensors came from the checkpoint (0 for a fresh one). ``modules_to_save`` train alongside (and save with) it."""
     if LoraInit(lora_cfg.init) is LoraInit.pretrained:
-        peft_cfg = PeftConfig.from_pretrained(path, subfolder=lora_cfg.adapter_subfolder, revision=revision)
-        if (peft_cfg.r, peft_cfg.lora_alpha) != (lora_cfg.r, lora_cfg.alpha):
+        peft_model, n = attach_lora_from(
+            model, path, lora_cfg.adapter_subfolder, revision, dropout=lora_cfg.dropout, modules_to_save=modules_to_save
+        )
+        cfg = peft_model.peft_config["default"]
+        if (cfg.r, cfg.lora_alpha) != (lora_cfg.r, lora_cfg.alpha):
             log.warning(
                 "%s/%s has r=%s alpha=%s, the config says r=%s alpha=%s: the checkpoint's values are used",
                 path,
                 lora_cfg.adapter_subfolder,
-                peft_cfg.r,
-                peft_cfg.lora_alpha,
+                cfg.r,
+                cfg.lora_alpha,
                 lora_cfg.r,
                 lora_cfg.alpha,
             )
-        peft_cfg.lora_dropout = lora_cfg.dropout
-        peft_cfg.inference_mode = False
-        return PeftModel.from_pretrained(
-            model, path, subfolder=lora_cfg.adapter_subfolder, revision=revision, config=peft_cfg, is_trainable=True
-        )
-    peft_cfg = PeftLoraConfig(
+        log.info("speech LoRA: %d tensors loaded from %s/%s", n, path, lora_cfg.adapter_subfolder)
+        return peft_model, n
+    peft_cfg = LoraConfig(
         r=lora_cfg.r,
         lora_alpha=lora_cfg.alpha,
         lora_dropout=lora_cfg.dropout,
         target_modules=lora_cfg.target_modules,
+        modules_to_save=modules_to_save,
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, peft_cfg)
+    return get_peft_model(model, peft_cfg, revision=revision), 0
 
 
 def compile_layers(model, audio: bool = True) -> int:
@@ -107,10 +236,22 @@ def compile_layers(model, audio: bool = True) -> int:
     """
     base = model.get_base_model() if isinstance(model, PeftModel) else model
     base.enable_input_require_grads()
-    layers = [*base.model.layers, *(base.model.embed_tokens_extend.audio_embed.encoder.encoders if audio else [])]
+    layers = [*base.model.layers, *(audio_encoder(model).encoders if audio else [])]
     for layer in layers:
         layer.compile(dynamic=True)
     return len(layers)
+
+
+def active_module(module):
+    """The module that runs: a PEFT modules_to_save wrapper's trained copy, or the module itself."""
+    copies = getattr(module, "modules_to_save", None)
+    return copies[module.active_adapters[0]] if copies else module
+
+
+def audio_encoder(model):
+    """The audio conformer encoder that runs (the trained copy under ``train_audio_encoder``)."""
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    return active_module(base.model.embed_tokens_extend.audio_embed.encoder)
 
 
 def adapter_summary(model: PeftModel) -> dict[str, Any]:
@@ -138,7 +279,7 @@ def vision_lora_summary(path: str, lora_cfg: Any) -> dict[str, Any]:
         "loaded": False,
         "note": "speech inputs never use the vision LoRA",
     }
-    local = Path(path) / "vision-lora" / "adapter_config.json"
+    local = Path(path) / "vision-lora" / ADAPTER_CONFIG
     if local.exists():
         cfg = json.loads(local.read_text())
         summary.update(r=cfg["r"], alpha=cfg["lora_alpha"])

@@ -1,9 +1,12 @@
-"""Table 3: every evaluated checkpoint of a run or sweep folder next to the paper's row.
+"""Table 3: every evaluated checkpoint of a run or sweep folder, each next to the paper's matching row.
 
-    python -m phi4_pron.report output/paper_r64          # one run
-    python -m phi4_pron.report multirun/2026-11-22/10-00-00   # a whole sweep
+    python -m phi4_pron.report output/paper_r64                # one run
+    python -m phi4_pron.report multirun/2026-11-22/10-00-00    # a whole sweep
 
-Writes ``table3.md`` and ``table3.csv`` into the folder and prints the markdown.
+Writes ``table3.md`` and ``table3.csv`` into the folder and prints the markdown. A row's paper counterpart is the
+paper's row of the same setting (LoRA or Unfreeze) and epoch (epoch 0: no training). A row of a task whose prompts
+contain the sentence (``task=joint``) is marked: its WER and PER are not comparable with the paper's.
+Imports no torch.
 """
 
 from __future__ import annotations
@@ -16,12 +19,11 @@ import math
 import re
 from pathlib import Path
 
-from phi4_pron.evaluation import PAPER_ROW
-from phi4_pron.io import write_text_atomic
+from phi4_pron.paper import HEADERS, METRIC_COLUMNS, paper_row, paper_setting
+from phi4_pron.results import write_text_atomic
 
-COLUMNS = ["pcc_accuracy", "pcc_fluency", "pcc_prosodic", "pcc_total", "wer", "per", "mdd_f1"]
-HEADERS = ["PCC acc", "PCC flu", "PCC pro", "PCC tot", "WER", "PER", "F1"]
 _EPOCH = re.compile(r"checkpoint-epoch-(\d+)")
+NOT_COMPARABLE = "WER/PER not comparable with the paper: the prompt contains the sentence"
 
 
 def collect(root: Path) -> list[dict]:
@@ -29,47 +31,83 @@ def collect(root: Path) -> list[dict]:
     for f in sorted(root.rglob("eval/*/metrics.json")):
         m = json.loads(f.read_text())
         run_dir = f.parent.parent.parent
-        epoch = m.get("epoch") or (int(e.group(1)) if (e := _EPOCH.search(f.parent.name)) else None)
+        epoch = m.get("epoch")
+        if epoch is None and (e := _EPOCH.search(f.parent.name)):
+            epoch = int(e.group(1))
         rows.append(
             {
                 "run": str(run_dir.relative_to(root)) if run_dir != root else run_dir.name,
                 "checkpoint": f.parent.name,
                 "epoch": epoch,
+                "task": m.get("task", "joint"),  # results written before tasks existed were the joint format
+                "comparable": bool(m.get("comparable_with_paper", False)),
+                "setting": paper_setting(bool(m.get("train_audio_encoder", False))),
                 "n": m.get("n_utterances"),
                 "unparseable": m.get("n_unparseable", 0) + m.get("n_failed", 0),
-                **{c: m.get(c, math.nan) for c in COLUMNS},
+                **{c: m.get(c, math.nan) for c in METRIC_COLUMNS},
             }
         )
-    return rows
+    return sorted(rows, key=lambda r: (r["run"], r["epoch"] if r["epoch"] is not None else 1e9, r["checkpoint"]))
 
 
 def _fmt(v) -> str:
     return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
 
 
+def table3(rows: list[dict]) -> str:
+    """The markdown table: each row, then the paper's row for its setting and epoch."""
+    lines = [
+        "| run | checkpoint | task | setting | epoch | n | failed/unparseable | " + " | ".join(HEADERS) + " |",
+        "|" + "---|" * (7 + len(HEADERS)),
+    ]
+    notes = set()
+    for r in rows:
+        mark = "" if r["comparable"] else " (*)"
+        if mark:
+            notes.add(NOT_COMPARABLE)
+        epoch = "" if r["epoch"] is None else r["epoch"]
+        lines.append(
+            f"| {r['run']} | {r['checkpoint']} | {r['task']}{mark} | {r['setting']} | {epoch} | {r['n']} | "
+            f"{r['unparseable']} | " + " | ".join(_fmt(r[c]) for c in METRIC_COLUMNS) + " |"
+        )
+        paper = paper_row(r["setting"], r["epoch"])
+        if paper is not None:
+            setting = "no training" if r["epoch"] == 0 else r["setting"]
+            lines.append(
+                f"| paper (Ahn & Nam) | | paper | {setting} | {epoch} | 2500 | | "
+                + " | ".join(_fmt(paper[c]) for c in METRIC_COLUMNS)
+                + " |"
+            )
+    md = "\n".join(lines) + "\n"
+    if notes:
+        md += "\n(*) " + "; ".join(sorted(notes)) + ".\n"
+    return md
+
+
 def write_table3(root: str | Path) -> str:
     """Write ``table3.md`` / ``table3.csv`` into ``root``; returns the markdown."""
     root = Path(root)
     rows = collect(root)
-    lines = [
-        "| run | checkpoint | epoch | n | failed/unparseable | " + " | ".join(HEADERS) + " |",
-        "|" + "---|" * (5 + len(HEADERS)),
-    ]
-    lines.append(
-        "| paper (Ahn & Nam, LoRA only) | | 3 | 2500 | | " + " | ".join(_fmt(PAPER_ROW[c]) for c in COLUMNS) + " |"
-    )
-    for r in rows:
-        lines.append(
-            f"| {r['run']} | {r['checkpoint']} | {r['epoch'] or ''} | {r['n']} | {r['unparseable']} | "
-            + " | ".join(_fmt(r[c]) for c in COLUMNS)
-            + " |"
-        )
-    md = "\n".join(lines) + "\n"
+    md = table3(rows)
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=["run", "checkpoint", "epoch", "n", "unparseable", *COLUMNS])
+    fields = ["run", "checkpoint", "task", "comparable", "setting", "epoch", "n", "unparseable", *METRIC_COLUMNS]
+    writer = csv.DictWriter(buf, fieldnames=fields)
     writer.writeheader()
-    writer.writerow({"run": "paper", "epoch": 3, "n": 2500, **PAPER_ROW})
-    writer.writerows(rows)
+    for r in rows:
+        writer.writerow(r)
+        paper = paper_row(r["setting"], r["epoch"])
+        if paper is not None:
+            writer.writerow(
+                {
+                    "run": "paper",
+                    "task": "paper",
+                    "comparable": True,
+                    "setting": r["setting"],
+                    "epoch": r["epoch"],
+                    "n": 2500,
+                    **paper,
+                }
+            )
     write_text_atomic(root / "table3.md", md)
     write_text_atomic(root / "table3.csv", buf.getvalue())
     return md

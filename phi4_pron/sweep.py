@@ -12,7 +12,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from phi4_pron.io import write_json_atomic
+from phi4_pron.results import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ def swept_keys() -> set[str]:
 
 def job_dirname(run_name: str, task_overrides: list[str]) -> str:
     """``paper_r64`` or ``paper_r64,optim.lr=1e-05``: the LoRA config, then the job's other swept values."""
-    swept = swept_keys() - {"lora", "experiment"}
+    swept = swept_keys() - {"lora", "experiment", "train_audio_encoder"}  # run_name names these
     return ",".join([run_name, *(o for o in task_overrides if o.split("=", 1)[0].lstrip("+~") in swept)])
 
 

@@ -1,9 +1,19 @@
-"""Build a tiny random-weight Phi-4-multimodal checkpoint offline, in the real checkpoint's layout.
+"""Build a tiny random-weight Phi-4-multimodal checkpoint offline, laid out as the published one.
 
-The folder it writes looks like ``microsoft/Phi-4-multimodal-instruct``: ``config.json`` +
-``model.safetensors``, ``generation_config.json``, the tokenizer and feature extractor files, and a
-``speech-lora/`` (r 320 / alpha 640) and ``vision-lora/`` (r 256 / alpha 512) PEFT adapter, so the
-project's real loading code reads it unchanged. Everything is seeded: two builds give the same weights.
+The folder copies ``microsoft/Phi-4-multimodal-instruct`` at its native revision (``refs/pr/70``), not what this
+project would find convenient:
+
+- ``config.json`` (``model_type: phi4_multimodal``) + sharded ``model-0000N-of-0000M.safetensors`` with their index,
+  ``generation_config.json``, the feature extractor's ``preprocessor_config.json``;
+- a tokenizer with the real special tokens and roles: ``<|endoftext|>`` bos/eos/pad/unk, ``<|end|>``, ``<|user|>``,
+  ``<|assistant|>``, ``<|system|>``, image ``<|endoftext10|>`` and audio ``<|endoftext11|>`` named in
+  ``extra_special_tokens``; ``eos_token_id`` = [endoftext, end] as in the real config;
+- ``speech-lora/`` (r 320 / alpha 640 / dropout 0.01) and ``vision-lora/`` (r 256 / alpha 512 / dropout 0.0) in the
+  conversion's layout: tensors named ``model.layers.N.<module>.lora_A.weight`` (no ``base_model.model.`` prefix) and
+  an ``adapter_config.json`` whose ``target_modules`` is the published regex.
+
+``initializer_range`` is 0.5 (transformers' default 0.02 gives nearly flat logits that a LoRA on a frozen 64-wide
+model cannot sharpen, so nothing could be shown to learn). Everything is seeded: two builds give the same weights.
 """
 
 from __future__ import annotations
@@ -17,19 +27,24 @@ from pathlib import Path
 
 import torch
 
-# Bump when the builder changes: the cache folder name carries it, so a stale build is never reused.
-TINY_MODEL_VERSION = "v1"
+from phi4_pron.config import LORA_TARGET_MODULES
 
-SPECIAL_TOKENS = ["<|endoftext|>", "<|end|>", "<|user|>", "<|assistant|>", "<|system|>", "<|image|>", "<|audio|>"]
-LORA_TARGET_MODULES = r".*model\.layers\.\d+\.(self_attn\.(qkv_proj|o_proj)|mlp\.(gate_up_proj|down_proj))"
+# Bump when the builder changes: the cache folder name carries it, so a stale build is never reused.
+TINY_MODEL_VERSION = "v2"
+
+BOS_EOS = "<|endoftext|>"
+IMAGE_TOKEN, AUDIO_TOKEN = "<|endoftext10|>", "<|endoftext11|>"
+# In the real vocabulary's order (ids 199999, 200010, 200011, 200019-200022).
+SPECIAL_TOKENS = [BOS_EOS, IMAGE_TOKEN, AUDIO_TOKEN, "<|assistant|>", "<|end|>", "<|user|>", "<|system|>"]
 
 
 def _training_text(corpus_dir: Path | None) -> list[str]:
-    """Text the tiny BPE is trained on: the answer format's keys and the corpus's words and phones."""
+    """Text the tiny BPE is trained on: the answer formats' keys and the corpus's words and phones."""
     lines = [
-        '{"accuracy": 8, "fluency": 9, "prosodic": 7, "total": 8, "transcript": "", "phones": "",'
-        ' "mispronunciations": []}',
-        "Assess the pronunciation of this recording.",
+        '{"accuracy": 8, "fluency": 9, "prosodic": 7, "total": 8}',
+        '{"word_transcript": "", "phoneme_transcript": ""}',
+        '{"transcript": "", "phones": "", "mispronunciations": []}',
+        "Rate the pronunciation of the audio. Transcribe the audio utterance. <|APA|> <|MDD|>",
     ]
     if corpus_dir is not None and (corpus_dir / "resource" / "lexicon.txt").exists():
         lines += (corpus_dir / "resource" / "lexicon.txt").read_text().splitlines()
@@ -37,7 +52,7 @@ def _training_text(corpus_dir: Path | None) -> list[str]:
 
 
 def build_tokenizer(corpus_dir: Path | None = None, vocab_size: int = 320, extra_text: Sequence[str] = ()):
-    """A byte-level BPE tokenizer (``vocab_size`` tokens) with Phi-4's chat and modality special tokens."""
+    """A byte-level BPE tokenizer (``vocab_size`` tokens) with Phi-4-multimodal's special tokens and roles."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -53,13 +68,13 @@ def build_tokenizer(corpus_dir: Path | None = None, vocab_size: int = 320, extra
     tok.train_from_iterator([*_training_text(corpus_dir), *extra_text], trainer=trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
-        bos_token="<|endoftext|>",
-        eos_token="<|endoftext|>",
-        pad_token="<|endoftext|>",
-        unk_token="<|endoftext|>",
+        bos_token=BOS_EOS,
+        eos_token=BOS_EOS,
+        pad_token=BOS_EOS,
+        unk_token=BOS_EOS,
         additional_special_tokens=SPECIAL_TOKENS[1:],
-        extra_special_tokens={"image_token": "<|image|>", "audio_token": "<|audio|>"},
-        model_max_length=4096,
+        extra_special_tokens={"image_token": IMAGE_TOKEN, "audio_token": AUDIO_TOKEN},
+        model_max_length=131072,
     )
 
 
@@ -67,7 +82,7 @@ def build_config(tokenizer):
     """A ~0.4M-parameter Phi4MultimodalConfig with the real model's structure."""
     from transformers import Phi4MultimodalConfig
 
-    eos_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    eos_id = tokenizer.convert_tokens_to_ids(BOS_EOS)
     end_id = tokenizer.convert_tokens_to_ids("<|end|>")
     return Phi4MultimodalConfig(
         vocab_size=len(tokenizer),
@@ -79,6 +94,7 @@ def build_config(tokenizer):
         max_position_embeddings=4096,
         original_max_position_embeddings=4096,
         rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.75},
+        initializer_range=0.5,
         bos_token_id=eos_id,
         eos_token_id=[eos_id, end_id],
         pad_token_id=eos_id,
@@ -91,33 +107,51 @@ def build_config(tokenizer):
             "ext_pw_out_channel": 64,
             "depthwise_separable_out_channel": 64,
             "nemo_conv_channels": 64,
-            "audio_token_id": tokenizer.convert_tokens_to_ids("<|audio|>"),
+            "audio_token_id": tokenizer.convert_tokens_to_ids(AUDIO_TOKEN),
         },
         vision_config={
             "hidden_size": 32,
             "intermediate_size": 32,
             "num_hidden_layers": 1,
             "num_attention_heads": 2,
-            "image_token_id": tokenizer.convert_tokens_to_ids("<|image|>"),
+            "image_token_id": tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
         },
     )
 
 
-def _save_adapter(model, out_dir: Path, r: int, alpha: int, seed: int) -> None:
-    """Save a LoRA adapter with non-zero weights, as a pretrained one would have."""
-    from peft import LoraConfig, get_peft_model
+def save_converted_adapter(model, out_dir: Path, r: int, alpha: int, dropout: float, seed: int) -> None:
+    """A LoRA adapter with non-zero weights, written as the published conversion writes one.
+
+    Tensors ``model.layers.N.<module>.lora_{A,B}.weight`` (the conversion strips the original ``.speech`` /
+    ``.vision`` adapter names and adds no PEFT prefix); ``adapter_config.json`` with the published regex.
+    """
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+    from safetensors.torch import save_file
 
     torch.manual_seed(seed)
-    config = LoraConfig(
-        r=r, lora_alpha=alpha, lora_dropout=0.01, target_modules=LORA_TARGET_MODULES, task_type="CAUSAL_LM"
+    peft_model = get_peft_model(
+        model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=LORA_TARGET_MODULES)
     )
-    peft_model = get_peft_model(model, config)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
             if "lora_B" in name:
-                param.normal_(0.0, 0.01)
-    peft_model.save_pretrained(out_dir)
+                param.normal_(0.0, 0.05)
+    state = get_peft_model_state_dict(peft_model)
     peft_model.unload()  # restore the plain base modules
+    out_dir.mkdir(parents=True)
+    prefix = "base_model.model."
+    save_file({k.removeprefix(prefix): v.contiguous() for k, v in state.items()}, out_dir / "adapter_model.safetensors")
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": r,
+        "lora_alpha": alpha,
+        "lora_dropout": dropout,
+        "target_modules": LORA_TARGET_MODULES,
+        "bias": "none",
+        "inference_mode": True,
+    }
+    (out_dir / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
 def build_tiny_checkpoint(out_dir: str | Path, corpus_dir: str | Path | None = None, seed: int = 0) -> Path:
@@ -135,11 +169,11 @@ def build_tiny_checkpoint(out_dir: str | Path, corpus_dir: str | Path | None = N
         model.generation_config = GenerationConfig(
             bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id
         )
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, max_shard_size="1MB")  # sharded with an index, as the real one
         tokenizer.save_pretrained(tmp)
         Phi4MultimodalFeatureExtractor().save_pretrained(tmp)
-        _save_adapter(model, tmp / "speech-lora", r=320, alpha=640, seed=seed + 1)
-        _save_adapter(model, tmp / "vision-lora", r=256, alpha=512, seed=seed + 2)
+        save_converted_adapter(model, tmp / "speech-lora", r=320, alpha=640, dropout=0.01, seed=seed + 1)
+        save_converted_adapter(model, tmp / "vision-lora", r=256, alpha=512, dropout=0.0, seed=seed + 2)
         (tmp / "TINY_MODEL.json").write_text(json.dumps({"version": TINY_MODEL_VERSION, "seed": seed}))
         if out_dir.exists():  # another process finished first
             shutil.rmtree(tmp)

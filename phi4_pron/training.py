@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gc
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,21 +24,26 @@ from transformers import set_seed
 from trl import SFTConfig
 
 from phi4_pron import __version__, dist
-from phi4_pron.audio_cache import cache_audio_embeddings
-from phi4_pron.callbacks import EpochCheckpointCallback, EpochEvalCallback, latest_checkpoint
+from phi4_pron.answer import Question, questions_from_config
+from phi4_pron.audio_cache import cache_audio_embeddings, unsupported_reason
+from phi4_pron.callbacks import TASK_FILE, EpochCheckpointCallback, EpochEvalCallback, latest_checkpoint
 from phi4_pron.collator import PronunciationCollator
 from phi4_pron.config import LoraInit
-from phi4_pron.data import load_split, with_lengths
-from phi4_pron.io import write_json_atomic
+from phi4_pron.data import expand_questions, load_split, with_lengths
+from phi4_pron.evaluation import task_info
 from phi4_pron.modeling import (
+    AUDIO_MODULES,
     adapter_summary,
     attach_speech_lora,
+    audio_token_id,
+    check_native_layout,
     compile_layers,
     load_base_model,
     load_tokenizer_and_features,
     resolve_model_path,
     vision_lora_summary,
 )
+from phi4_pron.results import write_json_atomic
 from phi4_pron.sweep import wandb_identity
 from phi4_pron.tracking import finish_wandb, report_to, start_wandb, tensorboard_callback
 from phi4_pron.trainer import PronunciationTrainer
@@ -83,7 +89,7 @@ def sft_config(cfg: DictConfig, run_dir: Path, world_size: int) -> SFTConfig:
         learning_rate=opt.lr,
         optim=opt.optimizer,
         weight_decay=opt.weight_decay,
-        warmup_steps=opt.warmup_ratio,
+        warmup_steps=opt.warmup_ratio,  # transformers 5: a float below 1 is a fraction of the steps (the ratio)
         lr_scheduler_type=opt.lr_scheduler,
         max_grad_norm=opt.max_grad_norm,
         bf16=hw.bf16,
@@ -108,6 +114,83 @@ def sft_config(cfg: DictConfig, run_dir: Path, world_size: int) -> SFTConfig:
     )
 
 
+@dataclass
+class Prepared:
+    """Everything a training run needs before its Trainer exists (:func:`prepare`)."""
+
+    model: Any
+    tokenizer: Any
+    feature_extractor: Any
+    model_path: str
+    questions: dict[str, Question]
+    train_dataset: Any
+    collator: PronunciationCollator
+    audio_table: torch.Tensor | None
+    adapter_tensors_loaded: int
+    audio_cache_note: str
+
+
+def load_model(cfg: DictConfig, device: torch.device | str = "cpu") -> tuple[Any, Any, Any, str, int]:
+    """(model with the speech LoRA, tokenizer, feature extractor, model path, adapter tensors loaded), exactly as
+    training uses them: native layout checked, the tokenizer's audio token checked against the model's config, and
+    with ``train_audio_encoder`` the audio encoder and its speech projection trainable and saved with the adapter."""
+    model_path = resolve_model_path(cfg.model)
+    revision = None if Path(model_path).is_dir() else cfg.model.revision
+    check_native_layout(model_path, revision)
+    tokenizer, feature_extractor = load_tokenizer_and_features(model_path, revision)
+    model = load_base_model(model_path, revision, getattr(torch, cfg.model.dtype), cfg.hardware.attn_implementation)
+    audio_token_id(tokenizer, model.config)
+    extra = list(AUDIO_MODULES) if cfg.train_audio_encoder else None  # PEFT trains and saves copies of these
+    model, n_loaded = attach_speech_lora(model, cfg.lora, model_path, revision, modules_to_save=extra)
+    return model.to(device), tokenizer, feature_extractor, model_path, n_loaded
+
+
+def prepare(cfg: DictConfig, device: torch.device | str = "cpu") -> Prepared:
+    """Model, processing, the training split (one row per recording and question, with length keys), its collator,
+    and the cached audio embeddings where the audio encoder is frozen."""
+    model, tokenizer, feature_extractor, model_path, n_loaded = load_model(cfg, device)
+    questions = questions_from_config(cfg.task)
+    recordings = load_split(cfg.data.path, cfg.data.train_split, cfg.data.revision, cfg.data.max_train_samples)
+    collator = PronunciationCollator(tokenizer, feature_extractor, questions, max_length=cfg.model.max_length)
+    train_ds = with_lengths(expand_questions(recordings, list(questions)), collator.num_tokens)
+    audio_table, note = None, "off (hardware.cache_audio_embeddings=false)"
+    if cfg.train_audio_encoder:
+        note = "off: train_audio_encoder=true trains the audio encoder, so its embeddings change at every step"
+        log.info("audio embeddings not cached: %s", note)
+    elif cfg.hardware.cache_audio_embeddings:
+        batch = cfg.eval.batch_size or cfg.hardware.per_device_eval_batch_size
+        cached = cache_audio_embeddings(model, train_ds, collator, batch, cfg.hardware.dataloader_num_workers)
+        note = "on" if cached else f"off: {unsupported_reason(model.config)}"
+        if cached:
+            train_ds, collator, audio_table = cached
+    if cfg.hardware.compile:
+        n = compile_layers(model, audio=audio_table is None)
+        log.info("compiled %d layers (the first steps compile them)", n)
+    return Prepared(
+        model, tokenizer, feature_extractor, model_path, questions, train_ds, collator, audio_table, n_loaded, note
+    )
+
+
+def build_trainer(
+    cfg: DictConfig, prepared: Prepared, args: SFTConfig, callbacks: list | None = None
+) -> PronunciationTrainer:
+    """The Trainer that ``python -m phi4_pron.train`` runs (the benchmark and ``phi4_pron.check`` use it too)."""
+    return PronunciationTrainer(
+        model=prepared.model,
+        args=args,
+        train_dataset=prepared.train_dataset,
+        data_collator=prepared.collator,
+        processing_class=prepared.tokenizer,
+        callbacks=callbacks,
+        audio_table=prepared.audio_table,
+    )
+
+
+def task_record(cfg: DictConfig) -> dict[str, Any]:
+    """The task as saved beside every adapter (``task.json``): evaluate and assess ask the same questions."""
+    return OmegaConf.to_container(cfg.task, resolve=True)
+
+
 def run_training(cfg: DictConfig) -> dict[str, Any]:
     """Train one configuration; returns the final training metrics."""
     run_dir = Path(HydraConfig.get().runtime.output_dir)
@@ -123,27 +206,9 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
             cfg.optim.effective_batch_size,
         )
     set_seed(cfg.seed)
-
-    model_path = resolve_model_path(cfg.model)
-    tokenizer, feature_extractor = load_tokenizer_and_features(model_path, cfg.model.revision)
-    train_ds = load_split(cfg.data.path, cfg.data.train_split, cfg.data.revision, cfg.data.max_train_samples)
-    collator = PronunciationCollator(tokenizer, feature_extractor, max_length=cfg.model.max_length)
-    train_ds = with_lengths(train_ds, collator.num_tokens)  # batches of similar token length
     args = sft_config(cfg, run_dir, world_size)
-
-    model = load_base_model(
-        model_path, cfg.model.revision, getattr(torch, cfg.model.dtype), cfg.hardware.attn_implementation
-    )
-    model = attach_speech_lora(model, cfg.lora, model_path, cfg.model.revision).to(args.device)
-    eval_batch = cfg.eval.batch_size or cfg.hardware.per_device_eval_batch_size  # no gradients: inference's batch
-    audio_table = None
-    if cfg.hardware.cache_audio_embeddings:
-        cached = cache_audio_embeddings(model, train_ds, collator, eval_batch, cfg.hardware.dataloader_num_workers)
-        if cached:
-            train_ds, collator, audio_table = cached
-    if cfg.hardware.compile:
-        n = compile_layers(model, audio=audio_table is None)
-        log.info("compiled %d layers (the first steps compile them)", n)
+    prepared = prepare(cfg, args.device)
+    model, tokenizer, feature_extractor = prepared.model, prepared.tokenizer, prepared.feature_extractor
     adapter = adapter_summary(model)
     log.info(
         "%s: %d trainable parameters of %d (%.3f%%)",
@@ -154,25 +219,30 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
     )
 
     init = LoraInit(cfg.lora.init)
+    model_path = prepared.model_path
     record = {
-        "config_name": cfg.lora.run_name,
+        "config_name": cfg.run_name,
         "description": cfg.lora.description,
         "experiment": cfg.experiment_name,
         "model": {"name_or_path": model_path, "revision": cfg.model.revision, "dtype": cfg.model.dtype},
+        "task": {"name": cfg.task.name, "questions": list(prepared.questions)},
         "speech_lora": {
             "init": init.value,
             "source": f"{model_path}/{cfg.lora.adapter_subfolder}"
             if init is LoraInit.pretrained
             else "fresh initialisation",
+            "tensors_loaded": prepared.adapter_tensors_loaded,
             **adapter,
         },
         "vision_lora": vision_lora_summary(model_path, cfg.lora),
+        "train_audio_encoder": cfg.train_audio_encoder,
         "trainable_params": adapter["trainable_params"],
         "trainable_share": adapter["trainable_share"],
         "effective_batch_size": args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size,
         "world_size": world_size,
-        "train_samples": len(train_ds),
-        "audio_embeddings_cached": audio_table is not None,
+        "train_samples": len(prepared.train_dataset),
+        "audio_embeddings_cached": prepared.audio_table is not None,
+        "audio_embeddings_cache": prepared.audio_cache_note,
         "data": {"path": cfg.data.path, "train_split": cfg.data.train_split},
         "training_arguments": args.to_dict(),
         "phi4_pron_version": __version__,
@@ -184,36 +254,35 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
     tb = tensorboard_callback(cfg, run_dir)
     wandb_name, wandb_group = wandb_identity(cfg.run_name)
     wandb_run = start_wandb(cfg, run_dir, job_type="train", name=wandb_name, group=wandb_group)
-    trainer = PronunciationTrainer(
-        model=model,
-        args=args,
-        train_dataset=train_ds,
-        data_collator=collator,
-        processing_class=tokenizer,
-        callbacks=[EpochCheckpointCallback(), *([tb] if tb else [])],
-        audio_table=audio_table,
-    )
+    task = task_record(cfg)
+    trainer = build_trainer(cfg, prepared, args, [EpochCheckpointCallback(task), *([tb] if tb else [])])
+    eval_cb = None
     if cfg.eval.every_epoch:
         eval_ds = load_split(cfg.data.path, cfg.data.eval_split, cfg.data.revision, cfg.eval.limit)
-        trainer.add_callback(
-            EpochEvalCallback(
-                trainer,
-                tokenizer,
-                feature_extractor,
-                eval_ds,
-                run_dir,
-                batch_size=eval_batch,
-                max_new_tokens=cfg.eval.max_new_tokens,
-                tb_writer=tb.tb_writer if tb else None,
-            )
+        eval_cb = EpochEvalCallback(
+            trainer,
+            tokenizer,
+            feature_extractor,
+            prepared.questions,
+            eval_ds,
+            run_dir,
+            batch_size=cfg.eval.batch_size or cfg.hardware.per_device_eval_batch_size,
+            max_new_tokens=cfg.eval.max_new_tokens,
+            tb_writer=tb.tb_writer if tb else None,
+            info=task_info(cfg.task, cfg.train_audio_encoder),
         )
+        trainer.add_callback(eval_cb)
     try:
-        result = trainer.train(resume_from_checkpoint=resume_checkpoint(cfg, run_dir))
+        resume = resume_checkpoint(cfg, run_dir)
+        if eval_cb is not None and cfg.eval.before_training and resume is None and trainer.is_world_process_zero():
+            eval_cb.evaluate(model, epoch=0, step=0)  # the paper's epoch 0: the starting adapter, untrained
+        result = trainer.train(resume_from_checkpoint=resume)
         if trainer.is_world_process_zero():
             final = run_dir / "final_model"
             trainer.model.save_pretrained(final)
             tokenizer.save_pretrained(final)
             feature_extractor.save_pretrained(final)
+            write_json_atomic(final / TASK_FILE, task)
         metrics = dict(result.metrics)
         finish_wandb(wandb_run, {f"train/{k}": v for k, v in metrics.items()})
         return metrics

@@ -37,6 +37,25 @@ def tiny_processing(tiny_model_dir):
     return load_tokenizer_and_features(str(tiny_model_dir))
 
 
+def task_questions(name: str):
+    """The questions of ``conf/task/<name>.yaml``, as training builds them."""
+    from omegaconf import OmegaConf
+
+    from phi4_pron.answer import questions_from_config
+
+    return questions_from_config(OmegaConf.load(REPO / "conf" / "task" / f"{name}.yaml"))
+
+
+@pytest.fixture(scope="session")
+def paper_questions():
+    return task_questions("paper")
+
+
+@pytest.fixture(scope="session")
+def joint_questions():
+    return task_questions("joint")
+
+
 @pytest.fixture(scope="session")
 def mini_train():
     from phi4_pron.data import load_split

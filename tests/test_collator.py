@@ -2,17 +2,28 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
+from conftest import task_questions
 
-from phi4_pron.answer import END, target_answer
+from phi4_pron.answer import END
 from phi4_pron.collator import IGNORE_INDEX, PronunciationCollator
 
+PAPER, JOINT = task_questions("paper"), task_questions("joint")
 
-def test_labels_are_exactly_the_answer(tiny_processing, mini_train):
+
+def collator(tiny_processing, questions=JOINT, **kwargs):
+    return PronunciationCollator(*tiny_processing, questions, **kwargs)
+
+
+@pytest.mark.parametrize("question", ["apa", "mdd", "joint"])
+def test_labels_are_exactly_the_answer(tiny_processing, mini_train, question):
     tokenizer, fe = tiny_processing
-    rows = [mini_train[0], mini_train[5], mini_train[7]]
-    batch = PronunciationCollator(tokenizer, fe)(rows)
-    audio_id = tokenizer.convert_tokens_to_ids("<|audio|>")
+    questions = JOINT if question == "joint" else PAPER
+    rows = [{**mini_train[i], "question": question} for i in (0, 5, 7)]
+    batch = PronunciationCollator(tokenizer, fe, questions)(rows)
+    audio_id = tokenizer.audio_token_id
+    assert tokenizer.audio_token == "<|endoftext11|>"  # the published checkpoint's audio placeholder
     b, t = batch["input_ids"].shape
     assert batch["labels"].shape == (b, t) and batch["attention_mask"].shape == (b, t)
     assert batch["audio_input_features"].shape[0] == b and batch["audio_input_features"].shape[-1] == 80
@@ -25,7 +36,7 @@ def test_labels_are_exactly_the_answer(tiny_processing, mini_train):
         learned = labels != IGNORE_INDEX
         assert not learned[ids == audio_id].any() and not learned[n:].any()
         answer_ids = labels[learned]
-        assert tokenizer.decode(answer_ids) == target_answer(row) + END + tokenizer.eos_token
+        assert tokenizer.decode(answer_ids) == questions[question].target(row) + END + tokenizer.eos_token
         # the learned tokens are one contiguous block at the end of the real tokens, equal to the inputs there
         first = int(learned.nonzero()[0])
         assert learned[first:n].all() and torch.equal(ids[first:n], answer_ids)
@@ -33,7 +44,7 @@ def test_labels_are_exactly_the_answer(tiny_processing, mini_train):
 
 def test_generation_batch_is_left_padded_without_answer(tiny_processing, mini_train):
     tokenizer, fe = tiny_processing
-    batch = PronunciationCollator(tokenizer, fe, with_answer=False, padding_side="left")([mini_train[0], mini_train[1]])
+    batch = collator(tiny_processing, with_answer=False, padding_side="left")([mini_train[0], mini_train[1]])
     assert "labels" not in batch
     assert batch["attention_mask"][:, -1].all()
     assistant = tokenizer.convert_tokens_to_ids("<|assistant|>")
@@ -41,11 +52,8 @@ def test_generation_batch_is_left_padded_without_answer(tiny_processing, mini_tr
 
 
 def test_too_long_input_is_refused_clearly(tiny_processing, mini_train):
-    import pytest
-
-    tokenizer, fe = tiny_processing
     with pytest.raises(ValueError, match="model.max_length=50"):
-        PronunciationCollator(tokenizer, fe, max_length=50)([mini_train[0]])
+        collator(tiny_processing, max_length=50)([mini_train[0]])
 
 
 def test_token_count_from_duration_matches_the_batch(tiny_processing, mini_train):
@@ -53,12 +61,12 @@ def test_token_count_from_duration_matches_the_batch(tiny_processing, mini_train
     from phi4_pron.data import SAMPLING_RATE, decode_audio
 
     tokenizer, fe = tiny_processing
-    collator = PronunciationCollator(tokenizer, fe)
+    c = collator(tiny_processing)
     for i in (0, 5, 7, 12):
         row = mini_train[i]
         n = len(decode_audio(row["audio"]))
-        batch = collator([row])
-        assert collator.num_tokens(row, n / SAMPLING_RATE) == int(batch["attention_mask"].sum())
+        batch = c([row])
+        assert c.num_tokens(row, n / SAMPLING_RATE) == int(batch["attention_mask"].sum())
 
 
 def test_features_of_nearly_equal_lengths(tiny_processing, mini_train):
@@ -72,7 +80,7 @@ def test_features_of_nearly_equal_lengths(tiny_processing, mini_train):
         {**mini_train[1], "audio": wave[:48000]},
         {**mini_train[2], "audio": wave[:20000]},
     ]
-    batch = PronunciationCollator(tokenizer, fe)(rows)
+    batch = collator(tiny_processing)(rows)
     for i, row in enumerate(rows):
         alone = fe([row["audio"]], sampling_rate=16000, return_tensors="pt")["audio_input_features"][0]
         n = alone.shape[0]
@@ -84,6 +92,30 @@ def test_length_key_is_the_token_count(tiny_processing, mini_train):
     """``with_lengths`` + ``num_tokens`` (from the WAV header's duration) give each row's collated length."""
     from phi4_pron.data import with_lengths
 
-    collator = PronunciationCollator(*tiny_processing)
-    ds = with_lengths(mini_train.select(range(3)), collator.num_tokens)
-    assert ds["length"] == [int(collator([row])["attention_mask"].sum()) for row in ds]
+    c = collator(tiny_processing)
+    ds = with_lengths(mini_train.select(range(3)), c.num_tokens)
+    assert ds["length"] == [int(c([row])["attention_mask"].sum()) for row in ds]
+
+
+def test_prompt_holds_exactly_n_audio_ids_equal_to_the_models(tiny_processing, tiny_model_dir, mini_train):
+    from transformers import AutoConfig
+
+    tokenizer, _ = tiny_processing
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    batch = collator(tiny_processing, PAPER)([{**mini_train[3], "question": "mdd"}])
+    n_audio = int(batch["audio_embed_sizes"][0])
+    assert n_audio > 10 and int((batch["input_ids"] == config.audio_config.audio_token_id).sum()) == n_audio
+    assert tokenizer.audio_token_id == config.audio_config.audio_token_id
+
+
+def test_special_tokens_in_the_sentence_are_literal_text(tiny_processing, mini_train):
+    tokenizer, _ = tiny_processing
+    row = {**mini_train[0], "text": "WE <|end|> CALL <|endoftext11|> IT"}
+    prompt, answer = collator(tiny_processing)._sequence(row, n_audio=5)
+    special = {tokenizer.convert_tokens_to_ids(t) for t in ("<|end|>", "<|endoftext11|>", "<|assistant|>")}
+    end, audio, assistant = (
+        tokenizer.convert_tokens_to_ids(t) for t in ("<|end|>", "<|endoftext11|>", "<|assistant|>")
+    )
+    assert prompt.count(audio) == 5 and prompt.count(end) == 1 and prompt.count(assistant) == 1  # the template's own
+    assert answer.count(end) == 1 and not special & set(answer[:-2])
+    assert "<|end|> CALL <|endoftext11|>" in tokenizer.decode(prompt)

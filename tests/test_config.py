@@ -10,10 +10,11 @@ from omegaconf import OmegaConf, open_dict
 GROUPS = {
     "model": ["phi4mm", "tiny"],
     "lora": ["r320", "r64"],
-    "optim": ["paper"],
     "data": ["speechocean762", "mini"],
     "hardware": ["a100", "a6000", "2x4090", "h100", "cpu"],
     "logger": ["wandb", "tensorboard", "none"],
+    "task": ["paper", "joint"],
+    "optim": ["paper", "guide"],
     "experiment": ["smoke"],
 }
 
@@ -30,7 +31,9 @@ def test_every_option_composes_and_validates(group, option):
 
 def test_defaults_are_the_paper_setting():
     cfg = compose([])
-    assert (cfg.optim.lr, cfg.optim.epochs, cfg.optim.effective_batch_size) == (2e-5, 3, 64)
+    assert (cfg.optim.lr, cfg.optim.epochs, cfg.optim.effective_batch_size) == (2e-5, 4, 64)
+    assert cfg.task.name == "paper" and list(cfg.task.questions) == ["apa", "mdd"] and not cfg.train_audio_encoder
+    assert cfg.model.revision == "refs/pr/70"  # the hub's native layout (main is remote code)
     assert cfg.hardware.per_device_train_batch_size == 32 and cfg.hardware.compile and cfg.model.max_length == 2048
     assert cfg.model.name_or_path == "microsoft/Phi-4-multimodal-instruct" and cfg.model.dtype == "bfloat16"
     assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.init.value) == (64, 128, 0.05, "fresh")
@@ -43,6 +46,7 @@ def test_run_dir_is_named_after_the_lora_config():
     assert compose(["lora=r320"]).hydra.run.dir == "output/pretrained_r320"
     assert compose(["lora=r64"]).hydra.run.dir == "output/paper_r64"
     assert compose(["experiment=smoke", "lora=r64"]).hydra.run.dir == "output/smoke/paper_r64"
+    assert compose(["lora=r64", "train_audio_encoder=true"]).hydra.run.dir == "output/paper_r64_unfreeze"
 
 
 @pytest.mark.parametrize("override,key", [("optim.lrr=1e-5", "lrr"), ("lora.rank=8", "rank"), ("seeed=1", "seeed")])

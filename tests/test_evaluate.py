@@ -23,9 +23,11 @@ def test_evaluate_writes_every_file_and_the_table(run_dir):
     assert len(records) == 5 and {"id", "raw", "parsed", "reference", "error"} <= set(records[0])
     for aspect in ("accuracy", "fluency", "prosodic", "total"):
         assert (out / f"scatter_{aspect}.png").read_bytes()[:4] == b"\x89PNG"
+    assert set(records[0]["raw"]) == {"apa", "mdd"} and metrics["task"] == "paper"  # both questions, one record
     table = (run_dir / "table3.md").read_text()
-    assert "paper (Ahn & Nam, LoRA only)" in table and "| final_model |" in table and "checkpoint-epoch-3" in table
-    assert (run_dir / "table3.csv").read_text().startswith("run,checkpoint,epoch")
+    assert "| final_model | paper | LoRA |" in table and "checkpoint-epoch-3" in table
+    assert "| paper (Ahn & Nam) | | paper | LoRA | 3 | 2500 | | 0.656 | 0.727 | 0.711 | 0.675 | 0.140 |" in table
+    assert (run_dir / "table3.csv").read_text().startswith("run,checkpoint,task,comparable,setting,epoch")
 
 
 def test_compiled_decoding_answers_as_the_dynamic_cache(run_dir):
@@ -34,13 +36,18 @@ def test_compiled_decoding_answers_as_the_dynamic_cache(run_dir):
     from phi4_pron.evaluation import generate_records
     from phi4_pron.inference import DECODE_ATTENTION, load_adapter_for_inference
 
-    model, tokenizer, fe = load_adapter_for_inference(run_dir / "final_model")
-    assert model.config._attn_implementation == DECODE_ATTENTION
+    model, tokenizer, fe, questions = load_adapter_for_inference(run_dir / "final_model")
+    assert model.config._attn_implementation == DECODE_ATTENTION and list(questions) == ["apa", "mdd"]
     rows = load_split(str(MINI), "test", limit=5)
-    eager, compiled = (generate_records(model, tokenizer, fe, rows, 2, 12, False, 0, c) for c in (False, True))
+    eager, compiled = (
+        generate_records(
+            model, tokenizer, fe, questions, rows, batch_size=3, max_new_tokens=12, progress=False, compiled=c
+        )
+        for c in (False, True)
+    )
     assert [r["id"] for r in compiled] == list(rows["id"])  # the padded last batch adds no record
     assert [r["raw"] for r in compiled] == [r["raw"] for r in eager]
-    assert any(r["raw"] for r in eager)
+    assert any(r["raw"]["apa"] for r in eager)
 
 
 @pytest.mark.parametrize("compiled", [False, True])
@@ -74,13 +81,24 @@ def test_rescoring_saved_predictions_needs_no_model(tmp_path):
         "canonical": ["W", "IY1", "K", "AO1", "L"],
         "mispronounced": [False] * 5,
     }
-    answers = ['{"accuracy": 8, "fluency": 7, "transcript": "WE CALL", "phones": "W IY K AO L",}', "garbage"]
+    answers = [
+        {
+            "apa": '{"accuracy": 8, "fluency": 7,}',
+            "mdd": "{'word_transcript': 'WE CALL', 'phoneme_transcript': 'W IY'}",
+        },
+        {"apa": "garbage", "mdd": "garbage"},
+    ]
     lines = [json.dumps({"id": str(i), "raw": a, "parsed": None, "reference": ref}) for i, a in enumerate(answers)]
     (tmp_path / "predictions.jsonl").write_text("\n".join(lines) + "\n")
-    run_cli(["-m", "phi4_pron.evaluate", f"predictions={tmp_path / 'predictions.jsonl'}"])
-    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    (tmp_path / "metrics.json").write_text('{"untouched": true}')
+    proc = run_cli(["-m", "phi4_pron.evaluate", f"predictions={tmp_path / 'predictions.jsonl'}"], check=False)
+    assert proc.returncode != 0 and "task=paper or task=joint" in proc.stderr  # which questions were they?
+    run_cli(["-m", "phi4_pron.evaluate", f"predictions={tmp_path / 'predictions.jsonl'}", "task=paper"])
+    assert json.loads((tmp_path / "metrics.json").read_text()) == {"untouched": True}  # written beside, not over
+    metrics = json.loads((tmp_path / "rescored" / "metrics.json").read_text())
     assert metrics["n_unparseable"] == 1 and metrics["n_accuracy"] == 1 and metrics["pcc_accuracy"] is None
-    assert metrics["wer"] == pytest.approx(2 / 4)
+    assert metrics["wer"] == pytest.approx(2 / 4)  # the garbage answer: both words deleted
+    assert metrics["per"] == pytest.approx((3 + 5) / 10)  # W IY for W IY K AO L, then all 5 deleted
 
 
 def test_a_broken_recording_is_counted_not_fatal(run_dir, tmp_path):
@@ -133,7 +151,7 @@ def test_assess_one_recording_and_a_folder(run_dir, tmp_path):
         ]
     )
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result["audio"] == str(wav) and "assessment" in result and isinstance(result["raw"], str)
+    assert result["audio"] == str(wav) and "assessment" in result and set(result["raw"]) == {"apa", "mdd"}
 
     folder = tmp_path / "recordings"
     folder.mkdir()

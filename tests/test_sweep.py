@@ -20,27 +20,40 @@ def sweep_dir(tmp_path_factory):
     return out
 
 
-def test_sweep_runs_both_lora_configs_into_complete_job_folders(sweep_dir):
+JOBS = ("pretrained_r320", "pretrained_r320_unfreeze", "paper_r64", "paper_r64_unfreeze")
+
+
+def test_sweep_runs_the_papers_table3_grid_into_complete_job_folders(sweep_dir):
     settings = {}
-    for job in ("pretrained_r320", "paper_r64"):
+    for job in JOBS:
         tc = json.loads((sweep_dir / job / "training_config.json").read_text())
-        settings[job] = (tc["speech_lora"]["r"], tc["speech_lora"]["alpha"], tc["speech_lora"]["dropout"])
+        lora = tc["speech_lora"]
+        settings[job] = (lora["r"], lora["alpha"], lora["dropout"], tc["train_audio_encoder"])
         assert (sweep_dir / job / "final_model" / "adapter_model.safetensors").exists()
-        assert (sweep_dir / job / "checkpoint-epoch-3").is_dir()
-    assert settings == {"pretrained_r320": (320, 640, 0.01), "paper_r64": (64, 128, 0.05)}
+        assert (sweep_dir / job / "checkpoint-epoch-2").is_dir() and (sweep_dir / job / "eval" / "checkpoint-epoch-0")
+        assert tc["task"]["name"] == "paper" and tc["audio_embeddings_cached"] is not tc["train_audio_encoder"]
+    assert settings == {
+        "pretrained_r320": (320, 640, 0.01, False),
+        "pretrained_r320_unfreeze": (320, 640, 0.01, True),
+        "paper_r64": (64, 128, 0.05, False),
+        "paper_r64_unfreeze": (64, 128, 0.05, True),
+    }
     summary = json.loads((sweep_dir / "sweep_summary.json").read_text())
-    assert [j["status"] for j in summary["jobs"]] == ["completed", "completed"] and summary["failed"] == []
+    assert [j["status"] for j in summary["jobs"]] == ["completed"] * 4 and summary["failed"] == []
 
 
 def test_sweep_has_one_wandb_group_and_a_table3(sweep_dir):
     group = f"sweep-{sweep_dir.parent.name}-{sweep_dir.name}"
     runs = sorted(sweep_dir.glob("*/wandb/offline-run-*/run-*.wandb"))
-    assert len(runs) == 2
+    assert len(runs) == 4
     for run in runs:  # the group and the job's name are in W&B's own run record
         data = run.read_bytes()
         assert group.encode() in data and run.parents[2].name.encode() in data
     table = (sweep_dir / "table3.md").read_text()
-    assert table.count("checkpoint-epoch-") == 6 and "pretrained_r320" in table and "paper_r64" in table
+    assert table.count("checkpoint-epoch-") == 4 * 3 and all(f"| {job} |" in table for job in JOBS)
+    assert "| paper (Ahn & Nam) | | paper | no training | 0 | 2500 | | -0.041 |" in table
+    assert "| paper (Ahn & Nam) | | paper | Unfreeze | 2 | 2500 | | 0.624 |" in table
+    assert "(*)" not in table  # the paper's task: every row comparable
 
 
 def test_other_swept_values_name_the_job_folder(tmp_path):
@@ -120,9 +133,9 @@ def test_killed_run_resumes_to_the_same_end(tmp_path):
 
     run_cli(args[1:] + ["resume=true"])
     state = json.loads((run_dir / "checkpoint-epoch-3" / "trainer_state.json").read_text())
-    assert state["global_step"] == 24 and round(state["epoch"]) == 3
+    assert state["global_step"] == 48 and round(state["epoch"]) == 3  # 32 recordings x 2 questions / 4 per step x 3
     logged_steps = [h["step"] for h in state["log_history"] if "loss" in h]
-    assert logged_steps[-1] == 24
+    assert logged_steps[-1] == 48
     assert (run_dir / "final_model" / "adapter_model.safetensors").exists()
 
 

@@ -54,6 +54,9 @@ def test_training_config_records_the_lora_setup(smoke_run):
     assert tc["training_arguments"]["gradient_accumulation_steps"] == 1
     assert tc["config_name"] == run_dir.name
     assert tc["audio_embeddings_cached"] is True  # hardware.cache_audio_embeddings, on by default
+    assert tc["task"] == {"name": "paper", "questions": ["apa", "mdd"]} and tc["train_samples"] == 2 * 32
+    # r320 continues the checkpoint's own adapter: all 16 tensors of the published speech-lora/ (2 layers x 4 x A, B)
+    assert speech["tensors_loaded"] == {"r64": 0, "r320": 16}[lora]
 
 
 def test_saved_adapter_reloads_and_generates(smoke_run):
@@ -67,13 +70,14 @@ def test_saved_adapter_reloads_and_generates(smoke_run):
     adapter = json.loads((run_dir / "final_model" / "adapter_config.json").read_text())
     assert adapter["r"] == {"r64": 64, "r320": 320}[lora]
     rows = load_split(str(MINI), "test", limit=2)
-    merged, tokenizer, fe = load_adapter_for_inference(run_dir / "final_model")
-    unmerged, _, _ = load_adapter_for_inference(run_dir / "final_model", merge=False)
+    merged, tokenizer, fe, questions = load_adapter_for_inference(run_dir / "final_model")
+    unmerged, _, _, _ = load_adapter_for_inference(run_dir / "final_model", merge=False)
     assert unmerged.peft_config["default"].r == adapter["r"] and not hasattr(merged, "peft_config")
-    batch = PronunciationCollator(tokenizer, fe)([rows[0], rows[1]])
+    rows = [{**rows[0], "question": "apa"}, {**rows[1], "question": "mdd"}]
+    batch = PronunciationCollator(tokenizer, fe, questions)([rows[0], rows[1]])
     with torch.no_grad():  # merging the adapter into the weights leaves the function unchanged
         torch.testing.assert_close(merged(**batch).logits, unmerged(**batch).logits, rtol=1e-4, atol=1e-4)
-    answers = generate_answers(merged, tokenizer, fe, [rows[0], rows[1]], max_new_tokens=8)
+    answers = generate_answers(merged, tokenizer, fe, questions, [rows[0], rows[1]], max_new_tokens=8)
     assert len(answers) == 2 and all(isinstance(a, str) and a for a in answers)
 
 
@@ -82,7 +86,7 @@ def test_every_epoch_is_evaluated_and_logged(smoke_run):
     for epoch in (1, 2, 3):
         out = run_dir / "eval" / f"checkpoint-epoch-{epoch}"
         metrics = json.loads((out / "metrics.json").read_text())
-        assert metrics["epoch"] == epoch and metrics["n_utterances"] == 8
+        assert metrics["epoch"] == epoch and metrics["n_utterances"] == 8 and metrics["task"] == "paper"
         assert (out / "predictions.jsonl").exists() and (out / "scatter_total.png").exists()
     history = json.loads((run_dir / "checkpoint-epoch-3" / "trainer_state.json").read_text())["log_history"]
     # the epoch-3 evaluation runs after that checkpoint's state was written, so two epochs are in it

@@ -1,24 +1,13 @@
-"""The benchmark's code path (tiny model, CPU), and the trainer's fast loss against the reference loss."""
+"""The trainer's fast paths (fused answer-only loss, compiled layers, cached audio embeddings) against the reference
+loss and gradients, on the tiny model (CPU)."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
-from conftest import run_cli
+from conftest import task_questions
 
-TARGETS = r".*model\.layers\.\d+\.(self_attn\.(qkv_proj|o_proj)|mlp\.(gate_up_proj|down_proj))"
-
-
-@pytest.mark.parametrize("mode", ["train", "eval", "memory"])
-def test_bench_runs_on_the_tiny_model(mode, tmp_path):
-    run_cli(["-m", "phi4_pron.bench", mode, "--tiny", "--out", str(tmp_path)], timeout=600)
-    results = json.loads((tmp_path / f"{mode}.json").read_text())
-    assert len(results) == 2 and all("error" not in r for r in results)
-    key = "test_eval_s" if mode == "eval" else "epoch_s"
-    assert all(r[key] > 0 for r in results)
-    assert (tmp_path / f"{mode}.md").read_text().startswith("| setting")
+from phi4_pron.config import LORA_TARGET_MODULES as TARGETS
 
 
 def _tiny_lora_model(tiny_model_dir):
@@ -30,7 +19,7 @@ def _tiny_lora_model(tiny_model_dir):
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     lora = OmegaConf.create({"init": "fresh", "r": 8, "alpha": 16, "dropout": 0.0, "target_modules": TARGETS})
-    return attach_speech_lora(model, lora, path=str(tiny_model_dir))
+    return attach_speech_lora(model, lora, path=str(tiny_model_dir))[0]
 
 
 def _cpu_trainer(model, tiny_processing, mini_train, tmp_path, trainer_cls=None, rows=2, **args):
@@ -54,7 +43,7 @@ def _cpu_trainer(model, tiny_processing, mini_train, tmp_path, trainer_cls=None,
         model=model,
         args=config,
         train_dataset=mini_train.select(range(rows)),
-        data_collator=PronunciationCollator(tokenizer, fe),
+        data_collator=PronunciationCollator(tokenizer, fe, task_questions("joint")),
         processing_class=tokenizer,
     )
 
@@ -62,7 +51,7 @@ def _cpu_trainer(model, tiny_processing, mini_train, tmp_path, trainer_cls=None,
 def _batch(tiny_processing, mini_train):
     from phi4_pron.collator import PronunciationCollator
 
-    return PronunciationCollator(*tiny_processing)([mini_train[i] for i in range(4)])
+    return PronunciationCollator(*tiny_processing, task_questions("joint"))([mini_train[i] for i in range(4)])
 
 
 def test_fused_answer_only_loss_equals_the_plain_loss(tiny_model_dir, tiny_processing, mini_train, tmp_path):
@@ -111,8 +100,14 @@ def test_trainer_logs_what_trl_logs(tiny_model_dir, tiny_processing, mini_train,
     for ref, got in zip(reference, fast, strict=True):
         assert got["num_tokens"] == ref["num_tokens"] > 0
         for key in ("loss", "entropy", "mean_token_accuracy", "grad_norm"):
-            # not bit for bit: TRL's forward gets the padding mask, which takes another attention kernel
-            assert got[key] == pytest.approx(ref[key], rel=1e-4), key
+            # Not bit for bit: TRL's forward gets the padding mask (another attention kernel) and sums in another
+            # order, so fp32 results differ by ~1e-6 relative. The first step's values (before any update) agree to
+            # that; Adam divides each update by the root of its squared gradient, which lets those differences grow
+            # in later steps' gradient norm (0.6% at step 3 here, measured). A real difference (a lost token, another
+            # loss scale) changes the first step's values by far more than 1e-3.
+            first_step = ref is reference[0]
+            tolerance = 1e-3 if first_step or key != "grad_norm" else 3e-2
+            assert got[key] == pytest.approx(ref[key], rel=tolerance), key
     assert fast[0]["num_tokens"] < fast[-1]["num_tokens"]  # counted across logging steps
     assert fast[0]["loss"] != fast[-1]["loss"]  # the steps trained
 
@@ -161,7 +156,7 @@ def test_cached_audio_embeddings_give_the_reference_loss_and_gradients(
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.02)
     rows = mini_train.select([3, 0, 2, 1])
-    plain = PronunciationCollator(*tiny_processing)
+    plain = PronunciationCollator(*tiny_processing, task_questions("joint"))
     batch = plain([rows[i] for i in range(4)])
 
     def loss_and_grads(fn):
@@ -215,4 +210,4 @@ def test_collator_asks_for_the_audio_span_column(tiny_processing, mini_train):
     from phi4_pron.collator import PronunciationCollator
 
     with pytest.raises(ValueError, match="audio_span.*cache_audio_embeddings"):
-        PronunciationCollator(*tiny_processing, audio_from_table=True)([mini_train[0]])
+        PronunciationCollator(*tiny_processing, task_questions("joint"), audio_from_table=True)([mini_train[0]])
