@@ -86,6 +86,7 @@ class EpochEvalCallback(TrainerCallback):
         self.questions, self.dataset, self.run_dir = questions, dataset, Path(run_dir)
         self.batch_size, self.max_new_tokens, self.tb_writer = batch_size, max_new_tokens, tb_writer
         self.info = info or {}  # written into every metrics.json (the task, the setting)
+        self.last: dict | None = None  # the newest evaluation's metrics
 
     def on_save(self, args, state, control, model=None, **kwargs):
         if state.is_world_process_zero:
@@ -114,6 +115,7 @@ class EpochEvalCallback(TrainerCallback):
         self.trainer.log({f"eval/{k}": metrics[k] for k in HEADLINE})
         log_plots(plots, step, self.tb_writer)
         summarize({"epoch": epoch, **{f"table3/{k}": metrics[k] for k in HEADLINE}})
+        self.last = metrics
         return metrics
 
 

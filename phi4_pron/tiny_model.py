@@ -30,7 +30,7 @@ import torch
 from phi4_pron.config import LORA_TARGET_MODULES
 
 # Bump when the builder changes: the cache folder name carries it, so a stale build is never reused.
-TINY_MODEL_VERSION = "v2"
+TINY_MODEL_VERSION = "v3"
 
 BOS_EOS = "<|endoftext|>"
 IMAGE_TOKEN, AUDIO_TOKEN = "<|endoftext10|>", "<|endoftext11|>"
@@ -39,8 +39,11 @@ SPECIAL_TOKENS = [BOS_EOS, IMAGE_TOKEN, AUDIO_TOKEN, "<|assistant|>", "<|end|>",
 
 
 def _training_text(corpus_dir: Path | None) -> list[str]:
-    """Text the tiny BPE is trained on: the answer formats' keys and the corpus's words and phones."""
-    lines = [
+    """Text the tiny BPE is trained on: the tasks' instructions (``conf/task/``), the answer formats' keys and the
+    corpus's words and phones, so that prompts take about as many tokens as the real tokenizer gives them."""
+    tasks = Path(__file__).resolve().parent.parent / "conf" / "task"
+    lines = [line for f in sorted(tasks.glob("*.yaml")) for line in f.read_text().splitlines()]
+    lines += [
         '{"accuracy": 8, "fluency": 9, "prosodic": 7, "total": 8}',
         '{"word_transcript": "", "phoneme_transcript": ""}',
         '{"transcript": "", "phones": "", "mispronunciations": []}',
@@ -51,7 +54,7 @@ def _training_text(corpus_dir: Path | None) -> list[str]:
     return lines
 
 
-def build_tokenizer(corpus_dir: Path | None = None, vocab_size: int = 320, extra_text: Sequence[str] = ()):
+def build_tokenizer(corpus_dir: Path | None = None, vocab_size: int = 2048, extra_text: Sequence[str] = ()):
     """A byte-level BPE tokenizer (``vocab_size`` tokens) with Phi-4-multimodal's special tokens and roles."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -79,7 +82,7 @@ def build_tokenizer(corpus_dir: Path | None = None, vocab_size: int = 320, extra
 
 
 def build_config(tokenizer):
-    """A ~0.4M-parameter Phi4MultimodalConfig with the real model's structure."""
+    """A ~0.5M-parameter Phi4MultimodalConfig with the real model's structure."""
     from transformers import Phi4MultimodalConfig
 
     eos_id = tokenizer.convert_tokens_to_ids(BOS_EOS)

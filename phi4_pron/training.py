@@ -153,6 +153,19 @@ def prepare(cfg: DictConfig, device: torch.device | str = "cpu") -> Prepared:
     recordings = load_split(cfg.data.path, cfg.data.train_split, cfg.data.revision, cfg.data.max_train_samples)
     collator = PronunciationCollator(tokenizer, feature_extractor, questions, max_length=cfg.model.max_length)
     train_ds = with_lengths(expand_questions(recordings, list(questions)), collator.num_tokens)
+    too_long = sorted(
+        {
+            (u, q, n)
+            for u, q, n in zip(*(train_ds[c] for c in ("id", "question", "length")), strict=True)
+            if n > cfg.model.max_length
+        }
+    )
+    if too_long:  # all of them at once, before the first step
+        raise ValueError(
+            f"{len(too_long)} training samples exceed model.max_length={cfg.model.max_length} tokens (audio + prompt + "
+            f"answer), e.g. {too_long[:5]} (utterance, question, tokens): raise model.max_length or drop those "
+            "recordings."
+        )
     audio_table, note = None, "off (hardware.cache_audio_embeddings=false)"
     if cfg.train_audio_encoder:
         note = "off: train_audio_encoder=true trains the audio encoder, so its embeddings change at every step"
@@ -285,12 +298,26 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
             write_json_atomic(final / TASK_FILE, task)
         metrics = dict(result.metrics)
         finish_wandb(wandb_run, {f"train/{k}": v for k, v in metrics.items()})
+        if trainer.is_world_process_zero():
+            print(learning_summary(trainer.state.log_history, eval_cb.last if eval_cb else None))
         return metrics
     except BaseException:
         finish_wandb(wandb_run, exit_code=1)  # the W&B run shows the job failed
         raise
     finally:
         release(trainer)
+
+
+def learning_summary(log_history: list[dict], last_eval: dict | None) -> str:
+    """One line that says whether the run learned: first and last logged training loss, and how many of the last
+    evaluation's recordings got a parseable answer."""
+    losses = [h["loss"] for h in log_history if "loss" in h]
+    text = f"learning check: training loss {losses[0]:.3f} -> {losses[-1]:.3f}" if losses else "learning check:"
+    if last_eval:
+        n = last_eval["n_utterances"]
+        ok = n - last_eval["n_failed"] - last_eval["n_unparseable"]
+        text += f"; last evaluation: {ok}/{n} recordings answered in a parseable form"
+    return text
 
 
 def release(trainer: PronunciationTrainer) -> None:

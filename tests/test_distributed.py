@@ -29,7 +29,7 @@ def test_two_process_ddp_writes_one_run_folder(tmp_path):
     assert (tc["world_size"], tc["effective_batch_size"]) == (2, 4)
     assert tc["training_arguments"]["gradient_accumulation_steps"] == 1
     state = json.loads((run_dir / "checkpoint-epoch-2" / "trainer_state.json").read_text())
-    assert state["global_step"] == 16  # 32 utterances / (2 per process x 2 processes) x 2 epochs
+    assert state["global_step"] == 32  # 32 utterances x 2 questions / (2 per process x 2 processes) x 2 epochs
     assert {p.name for p in (run_dir / "checkpoint-epoch-2").glob("rng_state_*.pth")} == {
         "rng_state_0.pth",
         "rng_state_1.pth",

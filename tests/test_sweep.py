@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+import torch
 from conftest import REPO, run_cli
 
 
@@ -30,7 +31,9 @@ def test_sweep_runs_the_papers_table3_grid_into_complete_job_folders(sweep_dir):
         lora = tc["speech_lora"]
         settings[job] = (lora["r"], lora["alpha"], lora["dropout"], tc["train_audio_encoder"])
         assert (sweep_dir / job / "final_model" / "adapter_model.safetensors").exists()
-        assert (sweep_dir / job / "checkpoint-epoch-2").is_dir() and (sweep_dir / job / "eval" / "checkpoint-epoch-0")
+        assert (sweep_dir / job / "checkpoint-epoch-2").is_dir() and (
+            sweep_dir / job / "eval" / "checkpoint-epoch-0"
+        ).is_dir()
         assert tc["task"]["name"] == "paper" and tc["audio_embeddings_cached"] is not tc["train_audio_encoder"]
     assert settings == {
         "pretrained_r320": (320, 640, 0.01, False),
@@ -40,6 +43,30 @@ def test_sweep_runs_the_papers_table3_grid_into_complete_job_folders(sweep_dir):
     }
     summary = json.loads((sweep_dir / "sweep_summary.json").read_text())
     assert [j["status"] for j in summary["jobs"]] == ["completed"] * 4 and summary["failed"] == []
+
+
+def test_unfreeze_trains_the_audio_encoder_and_its_weights_reload(sweep_dir, tiny_model_dir):
+    """Unfreeze saves the trained audio encoder + projection with the adapter; inference loads exactly those."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from phi4_pron.inference import load_adapter_for_inference
+
+    saved = load_file(sweep_dir / "paper_r64_unfreeze" / "final_model" / "adapter_model.safetensors")
+    audio = {k: v for k, v in saved.items() if ".audio_embed." in k}
+    assert any(".encoder." in k for k in audio) and any("up_proj_for_speech" in k for k in audio)
+    assert not any(
+        ".audio_embed." in k for k in load_file(sweep_dir / "paper_r64" / "final_model" / "adapter_model.safetensors")
+    )
+    base = dict(AutoModelForCausalLM.from_pretrained(tiny_model_dir).named_parameters())
+    merged, *_ = load_adapter_for_inference(sweep_dir / "paper_r64_unfreeze" / "final_model", merge=True)
+    loaded = dict(merged.named_parameters())
+    changed = 0
+    for key, value in audio.items():
+        name = key.removeprefix("base_model.model.")
+        assert torch.equal(loaded[name].detach(), value), name  # the trained weights are the ones that run
+        changed += not torch.equal(base[name].detach(), value)
+    assert changed > len(audio) // 2  # training moved them
 
 
 def test_sweep_has_one_wandb_group_and_a_table3(sweep_dir):
