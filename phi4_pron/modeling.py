@@ -137,7 +137,7 @@ def load_base_model(path: str, revision: str | None, dtype: torch.dtype, attn_im
     )
 
 
-def load_lora_weights(model: PeftModel, file: Path) -> int:
+def load_lora_weights(model: PeftModel, file: Path, fresh_modules: tuple[str, ...] = ()) -> int:
     """Put every tensor of an adapter file into ``model``'s adapter; returns how many.
 
     Keys with or without PEFT's prefix are accepted (the published ``speech-lora/`` has none, a PEFT-saved adapter
@@ -148,6 +148,8 @@ def load_lora_weights(model: PeftModel, file: Path) -> int:
 
     state = {(k if k.startswith(PEFT_PREFIX) else PEFT_PREFIX + k): v for k, v in load_file(file).items()}
     expected = get_peft_model_state_dict(model)
+    # modules added to train (modules_to_save) that the file predates start from the base weights
+    expected = {k: v for k, v in expected.items() if not any(f".{m}." in k for m in fresh_modules)}
     unexpected, missing = sorted(set(state) - set(expected)), sorted(set(expected) - set(state))
     wrong_shape = [k for k in set(state) & set(expected) if state[k].shape != expected[k].shape]
     if unexpected or missing or wrong_shape:
@@ -187,7 +189,8 @@ def attach_lora_from(
         task_type="CAUSAL_LM",
     )
     peft_model = get_peft_model(model, peft_cfg, revision=revision)
-    n = load_lora_weights(peft_model, checkpoint_file(path, ADAPTER_WEIGHTS, revision, subfolder))
+    fresh = () if file_cfg.get("modules_to_save") else tuple(modules_to_save or ())
+    n = load_lora_weights(peft_model, checkpoint_file(path, ADAPTER_WEIGHTS, revision, subfolder), fresh)
     return peft_model, n
 
 

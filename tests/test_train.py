@@ -76,7 +76,8 @@ def test_saved_adapter_reloads_and_generates(smoke_run):
     rows = [{**rows[0], "question": "apa"}, {**rows[1], "question": "mdd"}]
     batch = PronunciationCollator(tokenizer, fe, questions)([rows[0], rows[1]])
     with torch.no_grad():  # merging the adapter into the weights leaves the function unchanged
-        torch.testing.assert_close(merged(**batch).logits, unmerged(**batch).logits, rtol=1e-4, atol=1e-4)
+        a, b = merged(**batch).logits, unmerged(**batch).logits  # fp32 sums in another order: scale-relative
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * float(b.abs().max()))
     answers = generate_answers(merged, tokenizer, fe, questions, [rows[0], rows[1]], max_new_tokens=8)
     assert len(answers) == 2 and all(isinstance(a, str) and a for a in answers)
 
