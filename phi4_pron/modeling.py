@@ -147,9 +147,10 @@ def load_lora_weights(model: PeftModel, file: Path, fresh_modules: tuple[str, ..
     from safetensors.torch import load_file
 
     state = {(k if k.startswith(PEFT_PREFIX) else PEFT_PREFIX + k): v for k, v in load_file(file).items()}
-    expected = get_peft_model_state_dict(model)
+    current = get_peft_model_state_dict(model)
     # modules added to train (modules_to_save) that the file predates start from the base weights
-    expected = {k: v for k, v in expected.items() if not any(f".{m}." in k for m in fresh_modules)}
+    fresh = {k: v for k, v in current.items() if any(f".{m}." in k for m in fresh_modules)}
+    expected = {k: v for k, v in current.items() if k not in fresh}
     unexpected, missing = sorted(set(state) - set(expected)), sorted(set(expected) - set(state))
     wrong_shape = [k for k in set(state) & set(expected) if state[k].shape != expected[k].shape]
     if unexpected or missing or wrong_shape:
@@ -158,7 +159,7 @@ def load_lora_weights(model: PeftModel, file: Path, fresh_modules: tuple[str, ..
             f"{len(unexpected)} without a place (e.g. {unexpected[:3]}), {len(missing)} missing (e.g. {missing[:3]}), "
             f"{len(wrong_shape)} of another shape (e.g. {wrong_shape[:3]}). Is it this checkpoint's adapter?"
         )
-    set_peft_model_state_dict(model, state)
+    set_peft_model_state_dict(model, {**fresh, **state})
     loaded = get_peft_model_state_dict(model)
     differ = [k for k, v in state.items() if not torch.equal(loaded[k].cpu(), v.to(loaded[k].dtype))]
     if differ:
