@@ -156,6 +156,18 @@ def join_parsed(parsed: Mapping[str, dict[str, Any] | None]) -> dict[str, Any] |
     return out
 
 
+def join_answers(
+    answers: Mapping[str, str | Exception], questions: Mapping[str, Question]
+) -> tuple[dict[str, str | None], dict[str, Any] | None, str | None]:
+    """One recording's answers (question -> text, or the exception its generation raised) as (raw texts, the parsed
+    fields joined or None, the error or None): a recording with a failed question counts as failed."""
+    raw = {q: None if isinstance(a, Exception) else a for q, a in answers.items()}
+    errors = [f"{q}: {type(a).__name__}: {a}" for q, a in answers.items() if isinstance(a, Exception)]
+    if errors:
+        return raw, None, "; ".join(errors)
+    return raw, join_parsed({q: questions[q].parse(a) for q, a in raw.items()}), None
+
+
 _TRAILING_COMMA = re.compile(r",\s*([}\]])")
 
 

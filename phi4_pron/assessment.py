@@ -9,7 +9,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from phi4_pron.answer import join_parsed
+from phi4_pron.answer import join_answers
 from phi4_pron.data import DataError, check_audio_file
 from phi4_pron.inference import batches, generate_answers, load_adapter_for_inference
 
@@ -50,44 +50,29 @@ def run_assessment(cfg: DictConfig) -> list[dict[str, Any]]:
     generation fails is reported with its error and counted; the others go on."""
     rows = requests(cfg)
     model, tokenizer, feature_extractor, questions = load_adapter_for_inference(cfg.model_path)
+
+    def answer(rows: list[dict[str, Any]]) -> list[str | Exception]:
+        """The batch's answers, or row by row where the batch fails (so only the failing recording fails)."""
+        try:
+            return generate_answers(model, tokenizer, feature_extractor, questions, rows, cfg.max_new_tokens)
+        except Exception as e:  # noqa: BLE001
+            return [answer([row])[0] for row in rows] if len(rows) > 1 else [e]
+
     out = open(cfg.out, "w") if cfg.out else sys.stdout  # noqa: SIM115 - closed below
     results, failed = [], 0
     try:
         for batch in batches(rows, cfg.batch_size):
-            answers = {}
-            for name in questions:
-                asked = [{**row, "question": name} for row in batch]
-                try:
-                    texts = generate_answers(model, tokenizer, feature_extractor, questions, asked, cfg.max_new_tokens)
-                except Exception:  # noqa: BLE001 - one recording at a time, to name the one that fails
-                    texts = [
-                        _one(model, tokenizer, feature_extractor, questions, row, cfg.max_new_tokens) for row in asked
-                    ]
-                answers[name] = texts
+            answers = {q: answer([{**row, "question": q} for row in batch]) for q in questions}
             for i, row in enumerate(batch):
-                raw = {name: answers[name][i] for name in questions}
-                errors = {q: str(a) for q, a in raw.items() if isinstance(a, Exception)}
-                failed += bool(errors)
-                result = {
-                    "audio": row["audio"],
-                    "text": row["text"],
-                    "assessment": None if errors else join_parsed({q: questions[q].parse(a) for q, a in raw.items()}),
-                    "raw": {q: None if isinstance(a, Exception) else a for q, a in raw.items()},
-                    "error": "; ".join(f"{q}: {e}" for q, e in errors.items()) or None,
-                }
+                raw, parsed, error = join_answers({q: answers[q][i] for q in questions}, questions)
+                result = {"audio": row["audio"], "text": row["text"], "assessment": parsed, "raw": raw, "error": error}
                 out.write(json.dumps(result) + "\n")
                 out.flush()
                 results.append(result)
+                failed += error is not None
     finally:
         if cfg.out:
             out.close()
     if cfg.out:
         print(f"wrote {len(results)} assessments ({failed} failed) to {cfg.out}", file=sys.stderr)
     return results
-
-
-def _one(model, tokenizer, feature_extractor, questions, row, max_new_tokens) -> str | Exception:
-    try:
-        return generate_answers(model, tokenizer, feature_extractor, questions, [row], max_new_tokens)[0]
-    except Exception as e:  # noqa: BLE001
-        return e

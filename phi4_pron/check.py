@@ -47,7 +47,7 @@ def run_check(cfg: DictConfig) -> bool:
     from phi4_pron.config import REPO_ROOT
     from phi4_pron.data import expand_questions, load_split
     from phi4_pron.inference import generate_answers
-    from phi4_pron.modeling import check_native_layout, resolve_model_path
+    from phi4_pron.modeling import check_native_layout, download_hint, resolve_model_path
     from phi4_pron.training import load_model
 
     device = "cuda" if torch.cuda.is_available() and cfg.hardware.num_gpus > 0 else "cpu"
@@ -97,7 +97,7 @@ def run_check(cfg: DictConfig) -> bool:
         f"phi4_pron.check: model={cfg.model.name_or_path} revision={cfg.model.revision} lora={cfg.lora.name} "
         f"task={cfg.task.name}"
     )
-    check.step("checkpoint layout", layout, "download the native files: " + _hint())
+    check.step("checkpoint layout", layout, "download the native files: " + download_hint())
     check.step(
         "tokenizer, feature extractor, model",
         model,
@@ -112,12 +112,6 @@ def run_check(cfg: DictConfig) -> bool:
     check.step("generation", generate, "generation failed: check the GPU memory and transformers version")
     print("all checks passed" if not check.failed else "some checks failed: see [FAIL] above")
     return not check.failed
-
-
-def _hint() -> str:
-    from phi4_pron.modeling import download_hint
-
-    return download_hint()
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="check")

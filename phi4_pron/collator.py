@@ -27,7 +27,8 @@ def tokenizer_audio_token_id(tokenizer) -> int:
     if token_id is None or token_id == tokenizer.unk_token_id:
         raise ValueError(
             "the tokenizer names no audio placeholder (extra_special_tokens.audio_token in tokenizer_config.json): "
-            "is this the native Phi-4-multimodal tokenizer (hub revision refs/pr/70)?"
+            "is this the native Phi-4-multimodal tokenizer? Load the hub's revision refs/pr/70 (hf download "
+            "microsoft/Phi-4-multimodal-instruct --revision refs/pr/70 --local-dir Phi-4-multimodal-instruct)."
         )
     return token_id
 

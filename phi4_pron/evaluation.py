@@ -22,6 +22,7 @@ from phi4_pron.answer import (
     SCORE_KEYS,
     Question,
     canonical_phones,
+    join_answers,
     join_parsed,
     mispronounced_flags,
     pronounced_phones,
@@ -144,15 +145,8 @@ def generate_records(
 
 
 def _record(row: dict[str, Any], answers: dict[str, str | Exception], questions: dict[str, Question]) -> dict:
-    errors = {q: f"{type(a).__name__}: {a}" for q, a in answers.items() if isinstance(a, Exception)}
-    raw = {q: None if isinstance(a, Exception) else a for q, a in answers.items()}
-    return {
-        "id": row["id"],
-        "raw": raw,
-        "parsed": None if errors else join_parsed({q: questions[q].parse(a) for q, a in raw.items()}),
-        "error": "; ".join(f"{q}: {e}" for q, e in errors.items()) if errors else None,
-        "reference": reference(row),
-    }
+    raw, parsed, error = join_answers(answers, questions)
+    return {"id": row["id"], "raw": raw, "parsed": parsed, "error": error, "reference": reference(row)}
 
 
 def reparse(records: list[dict[str, Any]], questions: dict[str, Question]) -> list[dict[str, Any]]:

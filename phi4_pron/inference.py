@@ -95,8 +95,9 @@ def saved_questions(adapter_dir: Path) -> dict[str, Question]:
     if task_file.exists():
         return questions_from_config(json.loads(task_file.read_text()))
     run_record = adapter_dir.parent / "training_config.json"
-    if run_record.exists() and "task" in json.loads(run_record.read_text())["config"]:
-        return questions_from_config(json.loads(run_record.read_text())["config"]["task"])
+    task = json.loads(run_record.read_text())["config"].get("task") if run_record.exists() else None
+    if task is not None:
+        return questions_from_config(task)
     raise ModelPathError(
         f"{adapter_dir} has no {TASK_FILE} (and no training_config.json beside it): the questions this adapter "
         "answers are unknown. Copy the run's task.json there."

@@ -17,6 +17,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from transformers import AutoFeatureExtractor, AutoModelForCausalLM, AutoTokenizer
 
+from phi4_pron.collator import tokenizer_audio_token_id
 from phi4_pron.config import HUB_MODEL_ID, NATIVE_REVISION, REPO_ROOT, LoraInit
 from phi4_pron.tiny_model import ensure_tiny_checkpoint
 
@@ -103,19 +104,16 @@ def load_tokenizer_and_features(path: str, revision: str | None = None):
     return tokenizer, feature_extractor
 
 
-def audio_token_id(tokenizer, model_config: Any | None = None) -> int:
-    """The tokenizer's own audio placeholder id (``tokenizer.audio_token``), checked against the model's config."""
-    token, token_id = getattr(tokenizer, "audio_token", None), getattr(tokenizer, "audio_token_id", None)
-    if token is None or token_id is None or token_id == tokenizer.unk_token_id:
+def audio_token_id(tokenizer, model_config: Any) -> int:
+    """The tokenizer's own audio placeholder id (``collator.tokenizer_audio_token_id``), checked against the model's
+    ``config.audio_config.audio_token_id``: a mismatch means tokenizer and model come from different checkpoints."""
+    token_id = tokenizer_audio_token_id(tokenizer)
+    expected = model_config.audio_config.audio_token_id
+    if token_id != expected:
         raise ModelPathError(
-            "the tokenizer names no audio placeholder (extra_special_tokens.audio_token in tokenizer_config.json): "
-            f"it is not the native Phi-4-multimodal tokenizer. Load revision {NATIVE_REVISION} ({download_hint()})."
-        )
-    expected = getattr(getattr(model_config, "audio_config", None), "audio_token_id", None)
-    if model_config is not None and token_id != expected:
-        raise ModelPathError(
-            f"the tokenizer's audio token {token!r} is id {token_id}, the model's config.audio_config.audio_token_id "
-            f"is {expected}: tokenizer and model come from different checkpoints. Load both from one folder."
+            f"the tokenizer's audio token {tokenizer.audio_token!r} is id {token_id}, the model's "
+            f"config.audio_config.audio_token_id is {expected}: tokenizer and model come from different checkpoints. "
+            "Load both from one folder."
         )
     return token_id
 

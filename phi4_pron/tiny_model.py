@@ -13,7 +13,10 @@ project would find convenient:
   an ``adapter_config.json`` whose ``target_modules`` is the published regex.
 
 ``initializer_range`` is 0.5 (transformers' default 0.02 gives nearly flat logits that a LoRA on a frozen 64-wide
-model cannot sharpen, so nothing could be shown to learn). Everything is seeded: two builds give the same weights.
+model cannot sharpen, so nothing could be shown to learn), and the ``<|endoftext|>`` embedding row (also the pad
+token, which ``nn.Embedding`` zeroes at init) is random like the others: with tied, frozen embeddings a zero row
+gives EOS a logit of 0 that no LoRA can make the largest, so answers could never learn to end as the real model's do.
+Everything is seeded: two builds give the same weights.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import torch
 from phi4_pron.config import LORA_TARGET_MODULES
 
 # Bump when the builder changes: the cache folder name carries it, so a stale build is never reused.
-TINY_MODEL_VERSION = "v3"
+TINY_MODEL_VERSION = "v4"
 
 BOS_EOS = "<|endoftext|>"
 IMAGE_TOKEN, AUDIO_TOKEN = "<|endoftext10|>", "<|endoftext11|>"
@@ -169,6 +172,8 @@ def build_tiny_checkpoint(out_dir: str | Path, corpus_dir: str | Path | None = N
         config = build_config(tokenizer)
         torch.manual_seed(seed)
         model = Phi4MultimodalForCausalLM(config).to(torch.float32).eval()
+        with torch.no_grad():  # nn.Embedding zeroes its padding row (pad = <|endoftext|>); the real row is trained
+            model.get_input_embeddings().weight[config.pad_token_id].normal_(0.0, config.initializer_range)
         model.generation_config = GenerationConfig(
             bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id
         )

@@ -36,7 +36,6 @@ from phi4_pron.modeling import (
     adapter_summary,
     attach_speech_lora,
     audio_token_id,
-    check_native_layout,
     compile_layers,
     load_base_model,
     load_tokenizer_and_features,
@@ -132,11 +131,11 @@ class Prepared:
 
 def load_model(cfg: DictConfig, device: torch.device | str = "cpu") -> tuple[Any, Any, Any, str, int]:
     """(model with the speech LoRA, tokenizer, feature extractor, model path, adapter tensors loaded), exactly as
-    training uses them: native layout checked, the tokenizer's audio token checked against the model's config, and
-    with ``train_audio_encoder`` the audio encoder and its speech projection trainable and saved with the adapter."""
+    training uses them: native layout checked (``load_base_model``), the tokenizer's audio token checked against the
+    model's config, and with ``train_audio_encoder`` the audio encoder and its speech projection trainable and saved
+    with the adapter."""
     model_path = resolve_model_path(cfg.model)
     revision = None if Path(model_path).is_dir() else cfg.model.revision
-    check_native_layout(model_path, revision)
     tokenizer, feature_extractor = load_tokenizer_and_features(model_path, revision)
     model = load_base_model(model_path, revision, getattr(torch, cfg.model.dtype), cfg.hardware.attn_implementation)
     audio_token_id(tokenizer, model.config)
@@ -153,13 +152,8 @@ def prepare(cfg: DictConfig, device: torch.device | str = "cpu") -> Prepared:
     recordings = load_split(cfg.data.path, cfg.data.train_split, cfg.data.revision, cfg.data.max_train_samples)
     collator = PronunciationCollator(tokenizer, feature_extractor, questions, max_length=cfg.model.max_length)
     train_ds = with_lengths(expand_questions(recordings, list(questions)), collator.num_tokens)
-    too_long = sorted(
-        {
-            (u, q, n)
-            for u, q, n in zip(*(train_ds[c] for c in ("id", "question", "length")), strict=True)
-            if n > cfg.model.max_length
-        }
-    )
+    columns = (train_ds[c] for c in ("id", "question", "length"))
+    too_long = [(u, q, n) for u, q, n in zip(*columns, strict=True) if n > cfg.model.max_length]
     if too_long:  # all of them at once, before the first step
         raise ValueError(
             f"{len(too_long)} training samples exceed model.max_length={cfg.model.max_length} tokens (audio + prompt + "

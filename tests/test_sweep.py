@@ -58,9 +58,9 @@ def test_unfreeze_trains_the_audio_encoder_and_its_weights_reload(sweep_dir, tin
     assert not any(
         ".audio_embed." in k for k in load_file(sweep_dir / "paper_r64" / "final_model" / "adapter_model.safetensors")
     )
-    base = dict(AutoModelForCausalLM.from_pretrained(tiny_model_dir).named_parameters())
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()  # parameters and buffers
     merged, *_ = load_adapter_for_inference(sweep_dir / "paper_r64_unfreeze" / "final_model", merge=True)
-    loaded = dict(merged.named_parameters())
+    loaded = merged.state_dict()
     changed = 0
     for key, value in audio.items():
         name = key.removeprefix("base_model.model.")
