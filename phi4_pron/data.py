@@ -203,8 +203,13 @@ def check_audio_file(audio: Any, utt_id: str = "?") -> float:
 def with_lengths(ds: Dataset, num_tokens: Callable[[dict, float], int] | None = None) -> Dataset:
     """Check every recording of a split (a broken file stops the run before any model loads) and add its duration
     (``seconds``) and a ``length`` column for length-grouped batching: ``num_tokens(row, seconds)`` (the model's
-    sequence length, ``PronunciationCollator.num_tokens``), or without it the duration in centiseconds."""
-    durations = [check_audio_file(a, u) for u, a in zip(ds["id"], ds["audio"], strict=True)]
+    sequence length, ``PronunciationCollator.num_tokens``), or without it the duration in centiseconds. A recording
+    asked several questions (``expand_questions``: several rows with its id) is opened once."""
+    seconds: dict[str, float] = {}
+    for utt, audio in zip(ds["id"], ds["audio"], strict=True):
+        if utt not in seconds:
+            seconds[utt] = check_audio_file(audio, utt)
+    durations = [seconds[u] for u in ds["id"]]
     if num_tokens is None:
         lengths = [round(100 * d) for d in durations]
     else:
