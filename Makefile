@@ -1,7 +1,7 @@
 # The two commands of README.md.
 PY := .venv/bin/python
 
-.PHONY: smoke test lint setup
+.PHONY: smoke test test-fast lint setup
 
 setup: .venv/.installed
 
@@ -15,6 +15,10 @@ smoke: setup  ## set up, then fine-tune the tiny model on the bundled corpus (CP
 test: setup  ## set up, then run the test suite
 	$(PY) -m ruff check phi4_pron tests
 	$(PY) -m pytest -q
+
+test-fast: setup  ## the edit loop: every test but the slow (subprocess, sweep, DDP, learning) ones
+	$(PY) -m ruff check phi4_pron tests
+	$(PY) -m pytest -q -m "not slow"
 
 lint: setup
 	$(PY) -m ruff check phi4_pron tests && $(PY) -m ruff format --check phi4_pron tests

@@ -27,6 +27,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+TASK_FILE = "task.json"  # beside every saved adapter: the questions it was trained to answer
+
 SCORE_KEYS = ("accuracy", "fluency", "prosodic", "total")
 FIELDS = (*SCORE_KEYS, "transcript", "phones", "mispronunciations")
 TEXT_SLOT = "{text}"  # where an instruction puts the prompt sentence (task=joint)

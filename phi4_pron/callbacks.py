@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -12,10 +13,11 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
+from phi4_pron.answer import TASK_FILE
 from phi4_pron.dist import barrier
 from phi4_pron.results import write_json_atomic
 
-TASK_FILE = "task.json"  # beside every saved adapter: the questions it was trained to answer
+log = logging.getLogger(__name__)
 
 
 def saved_epoch(state) -> int:
@@ -44,20 +46,30 @@ class EpochCheckpointCallback(TrainerCallback):
         dst = Path(args.output_dir) / f"checkpoint-epoch-{saved_epoch(state)}"
         if self.task is not None:
             write_json_atomic(src / TASK_FILE, self.task)
-        if dst.exists():  # a resumed run re-saving the same epoch
-            shutil.rmtree(dst)
+        old = dst.with_name(dst.name + ".old")
+        if dst.exists():  # a resumed run re-saving the same epoch: a whole folder under the name at every moment
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(dst, old)
         os.replace(src, dst)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+CHECKPOINT_FILES = ("trainer_state.json", "adapter_model.safetensors", "adapter_config.json")
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest resumable checkpoint in a run folder (by training step), or None."""
+    """The newest complete checkpoint in a run folder (by training step), or None. Only ``checkpoint-epoch-N``
+    folders count (the Trainer's ``checkpoint-<step>`` becomes one only once it is whole), and only those with every
+    file of :data:`CHECKPOINT_FILES`: an incomplete one is skipped with a warning, the previous one used."""
     best, best_step = None, -1
-    for d in Path(run_dir).glob("checkpoint-*"):
-        state = d / "trainer_state.json"
-        if d.is_dir() and state.exists():
-            step = json.loads(state.read_text()).get("global_step", -1)
-            if step > best_step:
-                best, best_step = d, step
+    for d in Path(run_dir).glob("checkpoint-epoch-*"):
+        missing = [f for f in CHECKPOINT_FILES if not (d / f).exists()]
+        if missing:
+            log.warning("%s lacks %s: not resumable, skipped", d, missing)
+            continue
+        step = json.loads((d / "trainer_state.json").read_text()).get("global_step", -1)
+        if step > best_step:
+            best, best_step = d, step
     return best
 
 
@@ -93,7 +105,7 @@ class EpochEvalCallback(TrainerCallback):
             self.evaluate(model, saved_epoch(state), state.global_step)
 
     def evaluate(self, model, epoch: int, step: int) -> dict:
-        from phi4_pron.evaluation import HEADLINE, evaluate_model
+        from phi4_pron.predictions import HEADLINE, evaluate_model
         from phi4_pron.tracking import log_plots, summarize
 
         name = f"checkpoint-epoch-{epoch}"

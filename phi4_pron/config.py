@@ -25,6 +25,11 @@ NATIVE_REVISION = "refs/pr/70"
 LORA_TARGET_MODULES = r"model.layers.\d+.((self_attn.(qkv|o)_proj)|(mlp.(gate_up|down)_proj))"
 
 
+class OnBad(str, Enum):
+    error = "error"
+    skip = "skip"
+
+
 class LoraInit(str, Enum):
     fresh = "fresh"  # new adapter, B = 0
     pretrained = "pretrained"  # the checkpoint's own adapter folder (speech-lora/), trained further
@@ -102,6 +107,11 @@ class DataConfig:
     eval_split: str = "test"
     max_train_samples: int | None = None
     group_by_length: bool = True  # batch utterances of similar token length (audio + text) together: less padding
+    # The feature extractor's window is 400 samples (25 ms); the audio encoder attends within 500 positions of 80 ms
+    # (40 s): longer recordings take its unfolding path, which fails when batched with others.
+    min_seconds: float = 0.025
+    max_seconds: float = 40.0
+    on_bad: OnBad = OnBad.error  # a bad utterance (audio or annotation): stop, listing all of them; or skip, counted
 
 
 @dataclass
@@ -195,6 +205,40 @@ class AssessConfig:
     out: str | None = None  # write JSON lines here (default: print)
     batch_size: int = 8
     max_new_tokens: int = 256
+
+
+class SettingError(ValueError):
+    """A setting no run can use; the message names the key and what to do."""
+
+
+def check_settings(cfg, schema: type) -> None:
+    """What Hydra lets through: keys added with ``+key=value`` that the schema lacks (Hydra accepts them into a
+    structured config), and values outside their range. Every problem at once, before anything loads."""
+    from omegaconf.errors import ConfigKeyError
+
+    settings = {k: v for k, v in OmegaConf.to_container(cfg, resolve=False).items() if k != "hydra"}
+    try:
+        OmegaConf.merge(OmegaConf.structured(schema), settings)
+    except ConfigKeyError as e:
+        raise SettingError(
+            f"{e.full_key or e.key} is not a setting ({e.msg.splitlines()[0]}). Check its spelling: "
+            "python -m phi4_pron.train --cfg job lists every setting."
+        ) from None
+    problems = []
+    optim = cfg.get("optim")
+    if optim is not None:
+        for key in ("lr", "epochs", "effective_batch_size"):
+            if not optim[key] > 0:
+                problems.append(f"optim.{key}={optim[key]} must be above 0")
+        if not 0 <= optim.warmup_ratio < 1:
+            problems.append(f"optim.warmup_ratio={optim.warmup_ratio} must be in [0, 1)")
+    data = cfg.get("data")
+    if data is not None and not 0 < data.min_seconds < data.max_seconds:
+        problems.append(
+            f"data.min_seconds={data.min_seconds} and data.max_seconds={data.max_seconds}: need 0 < min < max"
+        )
+    if problems:
+        raise SettingError("; ".join(problems) + ".")
 
 
 def _eval_out_dir(run_dir: str | None, checkpoint: str, predictions: str | None) -> str:

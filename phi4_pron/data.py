@@ -99,6 +99,13 @@ def _read_table(file: Path) -> dict[str, str]:
     return rows
 
 
+def _number(value: Any, field: str) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{field}={value!r} is not a number") from None
+
+
 def _from_kaldi(root: Path, split: str) -> Dataset:
     scores_file = find_scores_json(root)
     try:
@@ -108,47 +115,59 @@ def _from_kaldi(root: Path, split: str) -> Dataset:
     wav_scp = _read_table(root / split / "wav.scp")
     texts = _read_table(root / split / "text")
     rows: dict[str, list] = {c: [] for c in COLUMNS}
+    problems = []
     for utt, rel in wav_scp.items():
         wav = root / rel
         if not wav.exists():
-            raise DataError(
-                f"audio file {wav} (utterance {utt}, {root / split / 'wav.scp'}) does not exist. "
-                "Restore it from the release or remove the utterance from wav.scp."
+            problems.append(
+                f"utterance {utt}: audio file {wav} does not exist (restore it or remove the utterance "
+                f"from {root / split / 'wav.scp'})"
             )
+            continue
         if utt not in scores:
-            raise DataError(f"utterance {utt} of {root / split / 'wav.scp'} has no entry in {scores_file}.")
+            problems.append(f"utterance {utt} of {root / split / 'wav.scp'} has no entry in {scores_file}")
+            continue
         s = scores[utt]
         try:
             row = {
                 "id": utt,
                 "audio": str(wav),
                 "text": s.get("text") or texts[utt],
-                **{k: float(s[k]) for k in ("accuracy", "completeness", "fluency", "prosodic", "total")},
+                **{k: _number(s[k], k) for k in ("accuracy", "completeness", "fluency", "prosodic", "total")},
                 "words": [_word(w) for w in s["words"]],
             }
-        except (KeyError, TypeError, ValueError) as e:
-            raise DataError(
-                f"{scores_file}: utterance {utt} lacks or mangles the field {e}; each utterance "
-                "needs text, accuracy, completeness, fluency, prosodic, total and words."
-            ) from e
+        except KeyError as e:
+            problems.append(f"utterance {utt}: the field {e} is missing")
+            continue
+        except (TypeError, ValueError) as e:
+            problems.append(f"utterance {utt}: {e}")
+            continue
         for c in COLUMNS:
             rows[c].append(row[c])
+    if problems:
+        raise DataError(
+            f"{len(problems)} utterances of {root} ({split}) cannot be read; each needs an audio file, text, accuracy, "
+            "completeness, fluency, prosodic, total and words:\n  "
+            + "\n  ".join(problems[:50])
+            + ("\n  ..." if len(problems) > 50 else "")
+        )
     return Dataset.from_dict(rows)
 
 
 def _word(w: dict[str, Any]) -> dict[str, Any]:
     phones = w["phones"].split() if isinstance(w["phones"], str) else list(w["phones"])
+    name = f"word {w.get('text')!r}"
     return {
         "text": w["text"],
-        "accuracy": float(w["accuracy"]),
-        "stress": float(w["stress"]),
-        "total": float(w["total"]),
+        "accuracy": _number(w["accuracy"], f"{name} accuracy"),
+        "stress": _number(w["stress"], f"{name} stress"),
+        "total": _number(w["total"], f"{name} total"),
         "phones": phones,
-        "phones-accuracy": [float(x) for x in w.get("phones-accuracy", [])],
+        "phones-accuracy": [_number(x, f"{name} phones-accuracy") for x in w.get("phones-accuracy", [])],
         "mispronunciations": [
             {
                 "canonical-phone": m["canonical-phone"],
-                "index": int(m["index"]),
+                "index": int(_number(m["index"], f"{name} mispronunciation index")),
                 "pronounced-phone": m["pronounced-phone"],
             }
             for m in w.get("mispronunciations") or []
@@ -200,16 +219,85 @@ def check_audio_file(audio: Any, utt_id: str = "?") -> float:
         ) from e
 
 
+SCORE_RANGE = (0.0, 10.0)  # the raters' utterance scores
+
+
+def annotation_problems(row: dict[str, Any]) -> list[str]:
+    """What is wrong with one utterance's annotation: scores that are not finite or outside 0-10, a word without
+    phones, a mispronunciation index outside its word's phones."""
+    import math
+
+    problems = []
+    for key in ("accuracy", "fluency", "prosodic", "total"):
+        value = row[key]
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and SCORE_RANGE[0] <= value <= SCORE_RANGE[1]):
+            problems.append(f"{key}={value} is not a score in 0-10")
+    for n, word in enumerate(row["words"]):
+        if not word["phones"]:
+            problems.append(f"word {n} {word['text']!r} has no phones")
+        for m in word.get("mispronunciations") or []:
+            if not 0 <= m["index"] < len(word["phones"]):
+                problems.append(
+                    f"word {n} {word['text']!r}: mispronunciation index {m['index']} is outside its "
+                    f"{len(word['phones'])} phones {word['phones']}"
+                )
+    return problems
+
+
+def checked(ds: Dataset, min_seconds: float, max_seconds: float, skip: bool) -> tuple[Dataset, list[str]]:
+    """Every utterance's audio (readable, ``min_seconds``-``max_seconds`` long) and annotation checked before any
+    model loads; adds the ``seconds`` column. Problems stop the run, all of them listed, each naming the utterance,
+    file and field; with ``skip`` the bad utterances are left out instead. Returns (dataset, problems)."""
+    problems, keep, seconds = [], [], []
+    rows = ds.remove_columns("audio").to_list()
+    for i, (row, audio) in enumerate(zip(rows, ds["audio"], strict=True)):
+        where = f"utterance {row['id']} ({_audio_name(audio)})"
+        found = [f"{where}: {p}" for p in annotation_problems(row)]
+        try:
+            duration = check_audio_file(audio, row["id"])
+        except DataError as e:
+            found.append(str(e))
+            duration = 0.0
+        else:
+            if duration < min_seconds:
+                found.append(
+                    f"{where}: {duration:.3f} s of audio, below data.min_seconds={min_seconds} (the feature "
+                    "extractor needs 400 samples)"
+                )
+            elif duration > max_seconds:
+                found.append(
+                    f"{where}: {duration:.1f} s of audio, above data.max_seconds={max_seconds}: split the "
+                    "recording, or raise data.max_seconds (the audio encoder attends within 40 s)"
+                )
+        problems += found
+        if not found:
+            keep.append(i)
+            seconds.append(duration)
+    if problems and not skip:
+        raise DataError(
+            f"{len(problems)} problems in {len(ds) - len(keep)} of {len(ds)} utterances (data.on_bad=skip leaves "
+            "them out, counted):\n  " + "\n  ".join(problems[:50]) + ("\n  ..." if len(problems) > 50 else "")
+        )
+    if len(keep) < len(ds):
+        ds = ds.select(keep)
+    return ds.add_column("seconds", seconds), problems
+
+
 def with_lengths(ds: Dataset, num_tokens: Callable[[dict, float], int] | None = None) -> Dataset:
     """Check every recording of a split (a broken file stops the run before any model loads) and add its duration
     (``seconds``) and a ``length`` column for length-grouped batching: ``num_tokens(row, seconds)`` (the model's
     sequence length, ``PronunciationCollator.num_tokens``), or without it the duration in centiseconds. A recording
-    asked several questions (``expand_questions``: several rows with its id) is opened once."""
-    seconds: dict[str, float] = {}
-    for utt, audio in zip(ds["id"], ds["audio"], strict=True):
-        if utt not in seconds:
-            seconds[utt] = check_audio_file(audio, utt)
-    durations = [seconds[u] for u in ds["id"]]
+    asked several questions (``expand_questions``: several rows with its id) is opened once; a ``seconds`` column
+    (:func:`checked`) is used as it is."""
+    if "seconds" in ds.column_names:
+        durations = list(ds["seconds"])
+        ds = ds.remove_columns("seconds")
+    else:
+        seconds: dict[str, float] = {}
+        for utt, audio in zip(ds["id"], ds["audio"], strict=True):
+            if utt not in seconds:
+                seconds[utt] = check_audio_file(audio, utt)
+        durations = [seconds[u] for u in ds["id"]]
     if num_tokens is None:
         lengths = [round(100 * d) for d in durations]
     else:

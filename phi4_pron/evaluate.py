@@ -5,12 +5,13 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from phi4_pron import config as _config  # noqa: F401  (registers the schema before Hydra composes)
+from phi4_pron.config import EvaluateConfig, check_settings  # importing registers the schema before Hydra composes
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    from phi4_pron.eval_job import run_evaluation
+    check_settings(cfg, EvaluateConfig)  # +key=value typos, values out of range: before any heavy import
+    from phi4_pron.evaluation import run_evaluation
 
     run_evaluation(cfg)
 

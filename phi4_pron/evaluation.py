@@ -1,285 +1,102 @@
-"""Generate answers for a split, score them with the paper's metrics, and write the results.
-
-An utterance whose audio cannot be decoded or whose generation fails is recorded with its error and
-counted; it never stops the evaluation. An answer that cannot be parsed is counted too, and enters the
-metrics as the empty answer: left out of PCC, an empty transcript / phone string for WER and PER (all
-deletions), every canonical phone "mispronounced" for MDD.
-"""
+"""``python -m phi4_pron.evaluate``: one checkpoint of a run on the test split, or saved predictions re-scored."""
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
+from omegaconf import DictConfig, OmegaConf
 
-from phi4_pron.answer import (
-    SCORE_KEYS,
-    Question,
-    canonical_phones,
-    join_answers,
-    join_parsed,
-    mispronounced_flags,
-    pronounced_phones,
-)
-from phi4_pron.data import expand_questions
-from phi4_pron.inference import generate_answers, generate_from_batch, generation_collator, static_cache_len
-from phi4_pron.metrics import detected_mispronunciations, mdd_scores, pcc, per, wer
-from phi4_pron.paper import HEADLINE
-from phi4_pron.results import write_json_atomic, write_text_atomic
+from phi4_pron.answer import Question, questions_from_config
+from phi4_pron.data import load_split
+from phi4_pron.inference import load_adapter_for_inference
+from phi4_pron.modeling import ModelPathError
+from phi4_pron.predictions import HEADLINE, evaluate_model, read_predictions, reparse, score, task_info, write_results
+from phi4_pron.report import write_table3
+from phi4_pron.tracking import finish_wandb, log_plots, start_wandb
 
 log = logging.getLogger(__name__)
 
-__all__ = ["HEADLINE", "evaluate_model", "generate_records", "read_predictions", "reparse", "score", "write_results"]
+
+def training_config(run_dir: Path) -> DictConfig:
+    """The resolved config a run was trained with."""
+    file = run_dir / "training_config.json"
+    if not file.exists():
+        raise ModelPathError(f"{run_dir} has no training_config.json: is run_dir a phi4_pron training run folder?")
+    return OmegaConf.create(json.loads(file.read_text())["config"])
 
 
-def task_info(task_cfg: Any, train_audio_encoder: bool = False) -> dict[str, Any]:
-    """What metrics.json says about the questions behind its numbers (``report`` and re-scoring read it)."""
-    from omegaconf import OmegaConf
-
-    task = OmegaConf.to_container(task_cfg, resolve=True) if OmegaConf.is_config(task_cfg) else dict(task_cfg)
-    return {
-        "task": task["name"],
-        "comparable_with_paper": bool(task.get("comparable_with_paper")),
-        "train_audio_encoder": train_audio_encoder,
-        "task_config": task,
-    }
-
-
-def reference(row: dict[str, Any]) -> dict[str, Any]:
-    """What an answer is scored against, from one corpus row."""
-    return {
-        **{k: float(row[k]) for k in SCORE_KEYS},
-        "text": row["text"],
-        "phones": " ".join(pronounced_phones(row["words"])),
-        "canonical": canonical_phones(row["words"]),
-        "mispronounced": mispronounced_flags(row["words"]),
-    }
-
-
-class _CollateOrError:
-    """Runs in DataLoader workers: (the rows without their audio, the batch or the exception collating raised)."""
-
-    def __init__(self, collator):
-        self.collator = collator
-
-    def __call__(self, rows):
-        meta = [{k: v for k, v in r.items() if k != "audio"} for r in rows]
-        try:
-            return meta, self.collator(rows)
-        except Exception as e:  # noqa: BLE001 - the main process retries the batch row by row
-            return meta, e
-
-
-def generate_records(
-    model,
-    tokenizer,
-    feature_extractor,
-    questions: dict[str, Question],
-    dataset,
-    *,
-    batch_size: int,
-    max_new_tokens: int,
-    progress: bool = True,
-    num_workers: int = 0,
-    compiled: bool = False,
-) -> list[dict[str, Any]]:
-    """One record per recording, in the dataset's order: id, raw answers (question -> text), the answers parsed and
-    joined into one dict of fields (None if none parses), reference, error (None, or why a question failed).
-
-    Every question of every recording is one prompt; prompts are batched by length (little padding, and a batch's
-    answers end at about the same step), the questions of the task mixed in the same batches, and ``num_workers``
-    DataLoader processes decode and featurize the next batches while the GPU generates.
-    ``compiled``: a static cache and compiled decoding steps (:func:`inference.generate_from_batch`) of one shape
-    for the whole split, so that it compiles once: longest prompts first, the first batch's cache length for every
-    batch (a longer prompt later costs a recompile), and the last batch filled up with repeats of its first prompt.
-    """
-    names = list(questions)
-    n = len(dataset)
-    prompts = expand_questions(dataset, names)  # prompt j asks question names[j // n] about recording j % n
-    texts = list(dataset["text"])
-    size = [len(questions[names[j // n]].instruction) + len(texts[j % n]) for j in range(len(prompts))]
-    order = sorted(range(len(prompts)), key=size.__getitem__, reverse=compiled)
-    index_batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    if compiled and index_batches:
-        index_batches[-1] += index_batches[-1][:1] * (batch_size - len(index_batches[-1]))
-    cache_len = None
-    collator = generation_collator(tokenizer, feature_extractor, questions)
-    loader = DataLoader(
-        prompts,
-        batch_sampler=index_batches,
-        collate_fn=_CollateOrError(collator),
-        num_workers=num_workers,
-        pin_memory=torch.cuda.is_available(),
+def rescoring_questions(cfg: DictConfig, predictions: Path) -> tuple[dict[str, Question], dict[str, Any]]:
+    """The task of saved predictions: ``task=`` if given, else the one their metrics.json or run folder names."""
+    if cfg.task is not None:
+        return questions_from_config(cfg.task), task_info(cfg.task)
+    metrics_file = predictions.parent / "metrics.json"
+    if metrics_file.exists() and "task_config" in (saved := json.loads(metrics_file.read_text())):
+        info = {k: saved[k] for k in ("task", "comparable_with_paper", "train_audio_encoder", "task_config")}
+        return questions_from_config(saved["task_config"]), info
+    raise ValueError(
+        f"{predictions}: no metrics.json with the task beside it; say which questions were asked: task=paper or "
+        "task=joint."
     )
-    answers: list[str | Exception | None] = [None] * len(prompts)
-    meta: list[dict[str, Any] | None] = [None] * n
-    bar = tqdm(total=len(prompts), desc="evaluating", unit="prompt", disable=not progress)
-    for indices, (rows, batch) in zip(index_batches, loader, strict=True):
-        try:
-            if isinstance(batch, Exception):
-                raise batch
-            if compiled and cache_len is None:
-                cache_len = static_cache_len(batch["input_ids"].shape[1], max_new_tokens)
-            out: list[str | Exception] = generate_from_batch(model, tokenizer, batch, max_new_tokens, cache_len)
-        except Exception:  # find the culprit(s): retry one by one, reading the rows (audio too) again
-            out = []
-            for j in indices:
-                row = prompts[j]
-                try:
-                    out += generate_answers(model, tokenizer, feature_extractor, questions, [row], max_new_tokens)
-                except Exception as e:
-                    log.warning("utterance %s (%s) failed: %s", row["id"], row["question"], e)
-                    out.append(e)
-        for j, row, answer in zip(indices, rows, out, strict=True):
-            answers[j] = answer
-            meta[j % n] = row
-        bar.update(len(set(indices)))
-    bar.close()
-    return [_record(meta[i], {q: answers[k * n + i] for k, q in enumerate(names)}, questions) for i in range(n)]
 
 
-def _record(row: dict[str, Any], answers: dict[str, str | Exception], questions: dict[str, Question]) -> dict:
-    raw, parsed, error = join_answers(answers, questions)
-    return {"id": row["id"], "raw": raw, "parsed": parsed, "error": error, "reference": reference(row)}
+def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
+    out_dir = Path(cfg.out_dir)
+    if cfg.predictions:
+        predictions = Path(cfg.predictions)
+        questions, info = rescoring_questions(cfg, predictions)
+        records = reparse(read_predictions(predictions), questions)
+        metrics = score(records)
+        write_results(out_dir, records, metrics, info={**info, "rescored_from": str(predictions)})
+        print(json.dumps({k: metrics[k] for k in HEADLINE}, indent=2))
+        log.info("re-scored results in %s (the originals beside %s are unchanged)", out_dir, predictions)
+        return metrics
+    if not cfg.run_dir:
+        raise ValueError("give run_dir=<training run folder> (or predictions=<predictions.jsonl> to re-score).")
+    run_dir = Path(cfg.run_dir)
+    ckpt = run_dir / cfg.checkpoint
+    if not (ckpt / "adapter_config.json").exists():
+        found = sorted(p.name for p in run_dir.glob("*") if (p / "adapter_config.json").exists())
+        raise ModelPathError(f"{ckpt} holds no adapter; this run has: {found or 'none'}.")
+    trained = training_config(run_dir)
+    data = cfg.data or trained.data
+    hardware = cfg.hardware or trained.hardware
+    run_cfg = OmegaConf.merge(trained, {"logger": cfg.logger or trained.logger})
 
-
-def reparse(records: list[dict[str, Any]], questions: dict[str, Question]) -> list[dict[str, Any]]:
-    """Parse saved raw answers again (re-scoring needs no model). A raw answer saved as one string (the format before
-    tasks) is read by the task's only question."""
-    out = []
-    for r in records:
-        raw = r.get("raw")
-        if isinstance(raw, str):
-            if len(questions) != 1:
-                raise ValueError(f"record {r.get('id')}: one raw answer, but the task asks {list(questions)}")
-            raw = {next(iter(questions)): raw}
-        unknown = set(raw or {}) - set(questions)
-        if unknown:
-            raise ValueError(f"record {r.get('id')}: answers to {sorted(unknown)}, which the task does not ask")
-        failed = raw is None or any(v is None for v in raw.values())
-        parsed = None if failed else join_parsed({q: questions[q].parse(v) for q, v in raw.items()})
-        out.append({**r, "raw": raw, "parsed": parsed})
-    return out
-
-
-def score(records: list[dict[str, Any]]) -> dict[str, Any]:
-    """The paper's metrics over a list of records, with the failure counts."""
-    answered = [r for r in records if r.get("error") is None]
-    metrics: dict[str, Any] = {
-        "n_utterances": len(records),
-        "n_failed": len(records) - len(answered),
-        "n_unparseable": sum(r["parsed"] is None for r in answered),
-    }
-    parsed = [(r["parsed"] or {}, r["reference"]) for r in answered]
-    for k in SCORE_KEYS:
-        pairs = [(p[k], ref[k]) for p, ref in parsed if k in p]
-        metrics[f"pcc_{k}"] = pcc([a for a, _ in pairs], [b for _, b in pairs])
-        metrics[f"n_{k}"] = len(pairs)
-    metrics["wer"] = wer([ref["text"] for _, ref in parsed], [p.get("transcript", "") for p, _ in parsed])
-    metrics["per"] = per([ref["phones"] for _, ref in parsed], [p.get("phones", "") for p, _ in parsed])
-    mdd = mdd_scores(
-        [ref["mispronounced"] for _, ref in parsed],
-        [detected_mispronunciations(ref["canonical"], p.get("phones", "")) for p, ref in parsed],
+    model, tokenizer, feature_extractor, questions = load_adapter_for_inference(
+        ckpt,
+        dtype=trained.model.dtype,
+        attn_implementation=hardware.attn_implementation,
+        device="cpu" if hardware.num_gpus == 0 else None,
     )
-    metrics.update({f"mdd_{k}": v for k, v in mdd.items()})
+    task_cfg = cfg.task or trained.task
+    if cfg.task is not None:
+        questions = questions_from_config(cfg.task)
+    dataset = load_split(data.path, data.eval_split, data.revision, cfg.eval.limit)
+    wandb_run = start_wandb(run_cfg, run_dir, job_type="eval", name=f"{trained.run_name}/{cfg.checkpoint}")
+    metrics, plots = evaluate_model(
+        model,
+        tokenizer,
+        feature_extractor,
+        questions,
+        dataset,
+        out_dir,
+        batch_size=cfg.eval.batch_size or hardware.per_device_eval_batch_size,
+        max_new_tokens=cfg.eval.max_new_tokens,
+        info={
+            "checkpoint": cfg.checkpoint,
+            "data": data.path,
+            "split": data.eval_split,
+            **task_info(task_cfg, bool(trained.get("train_audio_encoder", False))),
+        },
+        num_workers=hardware.dataloader_num_workers,
+        compiled=hardware.compile if cfg.eval.compile is None else cfg.eval.compile,
+    )
+    if wandb_run is not None:
+        wandb_run.log({f"eval/{k}": metrics[k] for k in HEADLINE})
+        log_plots(plots, step=0)
+    finish_wandb(wandb_run, {f"eval/{k}": metrics[k] for k in HEADLINE})
+    print(write_table3(run_dir), end="")
     return metrics
-
-
-def scatter_plots(records: list[dict[str, Any]], out_dir: Path) -> dict[str, Path]:
-    """Predicted vs human score, one PNG per aspect."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    paths = {}
-    for k in SCORE_KEYS:
-        pairs = [(r["reference"][k], r["parsed"][k]) for r in records if r.get("parsed") and k in r["parsed"]]
-        fig, ax = plt.subplots(figsize=(4, 4), dpi=100)
-        if pairs:
-            ax.scatter(*zip(*pairs, strict=True), s=10, alpha=0.5)
-        ax.plot([0, 10], [0, 10], color="grey", lw=0.8)
-        r = pcc([p for _, p in pairs], [h for h, _ in pairs])
-        ax.set(
-            xlim=(-0.5, 10.5),
-            ylim=(-0.5, 10.5),
-            xlabel=f"human {k}",
-            ylabel=f"predicted {k}",
-            title=f"{k}: PCC {'n/a' if math.isnan(r) else f'{r:.3f}'} (n={len(pairs)})",
-        )
-        fig.tight_layout()
-        tmp = out_dir / f".scatter_{k}.png.tmp"
-        fig.savefig(tmp, format="png")
-        plt.close(fig)
-        paths[k] = tmp.replace(out_dir / f"scatter_{k}.png")
-    return paths
-
-
-def write_results(
-    out_dir: Path, records: list[dict[str, Any]], metrics: dict[str, Any], info: dict[str, Any] | None = None
-) -> dict[str, Path]:
-    """``predictions.jsonl``, ``metrics.json`` and the scatter plots, each written atomically."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out_dir / "predictions.jsonl", "".join(json.dumps(r) + "\n" for r in records))
-    write_json_atomic(out_dir / "metrics.json", {**(info or {}), **metrics})
-    return scatter_plots(records, out_dir)
-
-
-def evaluate_model(
-    model,
-    tokenizer,
-    feature_extractor,
-    questions: dict[str, Question],
-    dataset,
-    out_dir: Path,
-    *,
-    batch_size: int,
-    max_new_tokens: int,
-    info: dict[str, Any] | None = None,
-    num_workers: int = 0,
-    compiled: bool = False,
-) -> tuple[dict[str, Any], dict[str, Path]]:
-    """Generate, score and write one evaluation; returns the metrics and the plot files."""
-    was_training = model.training
-    model.eval()
-    try:
-        records = generate_records(
-            model,
-            tokenizer,
-            feature_extractor,
-            questions,
-            dataset,
-            batch_size=batch_size,
-            max_new_tokens=max_new_tokens,
-            num_workers=num_workers,
-            compiled=compiled,
-        )
-    finally:
-        model.train(was_training)
-    metrics = score(records)
-    plots = write_results(out_dir, records, metrics, info)
-    log.info("%s: %s", out_dir, {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})
-    return metrics, plots
-
-
-def read_predictions(path: Path) -> list[dict[str, Any]]:
-    records = []
-    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n} is not a JSON line ({e}).") from e
-    missing = [n for n, r in enumerate(records, 1) if "raw" not in r or "reference" not in r]
-    if missing:
-        raise ValueError(
-            f"{path}: lines {missing[:5]} lack 'raw' or 'reference'; give a predictions.jsonl "
-            "written by phi4_pron.evaluate."
-        )
-    return records

@@ -12,8 +12,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from phi4_pron.answer import END, Question, questions_from_config
-from phi4_pron.callbacks import TASK_FILE
+from phi4_pron.answer import END, TASK_FILE, Question, questions_from_config
 from phi4_pron.collator import PronunciationCollator, pad_token_id
 from phi4_pron.modeling import (
     ADAPTER_CONFIG,

@@ -1,11 +1,14 @@
-"""Result files are written atomically: a reader never sees half a file."""
+"""Result files (and built folders) are written atomically: a reader never sees half of one."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,3 +43,21 @@ def _finite(obj: Any) -> Any:
 def write_json_atomic(path: str | Path, obj: Any) -> Path:
     """Strict JSON (NaN written as null), atomically."""
     return write_text_atomic(path, json.dumps(_finite(obj), indent=2, default=str, allow_nan=False) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_folder(out_dir: str | Path) -> Iterator[Path]:
+    """Build a folder in a temporary sibling (yielded) and move it into place whole; if another process finished the
+    same folder first, theirs is kept. A failure leaves nothing behind."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".", dir=out_dir.parent))
+    try:
+        yield tmp
+        if out_dir.exists():
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

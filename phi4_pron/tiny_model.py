@@ -22,15 +22,13 @@ Everything is seeded: two builds give the same weights.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from phi4_pron.config import LORA_TARGET_MODULES
+from phi4_pron.results import atomic_folder
 
 # Bump when the builder changes: the cache folder name carries it, so a stale build is never reused.
 TINY_MODEL_VERSION = "v4"
@@ -160,37 +158,51 @@ def save_converted_adapter(model, out_dir: Path, r: int, alpha: int, dropout: fl
     (out_dir / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
-def build_tiny_checkpoint(out_dir: str | Path, corpus_dir: str | Path | None = None, seed: int = 0) -> Path:
-    """Write the tiny checkpoint to ``out_dir`` (atomically: a half-built folder never appears)."""
+def write_checkpoint(
+    out_dir: str | Path,
+    tokenizer,
+    config,
+    *,
+    seed: int,
+    marker: dict,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+    max_shard_size: str = "1MB",
+) -> Path:
+    """Write a random-weight checkpoint of ``config`` to ``out_dir`` in the published layout (atomically: a
+    half-built folder never appears): sharded weights + index, tokenizer, feature extractor, generation config,
+    ``speech-lora/`` and ``vision-lora/``, and ``marker`` as ``TINY_MODEL.json`` (what was built, and how)."""
     from transformers import GenerationConfig, Phi4MultimodalFeatureExtractor, Phi4MultimodalForCausalLM
 
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".", dir=out_dir.parent))
-    try:
-        tokenizer = build_tokenizer(Path(corpus_dir) if corpus_dir else None)
-        config = build_config(tokenizer)
+    previous = torch.get_default_dtype()
+    with atomic_folder(out_dir) as tmp:
         torch.manual_seed(seed)
-        model = Phi4MultimodalForCausalLM(config).to(torch.float32).eval()
+        torch.set_default_dtype(dtype)
+        try:
+            with torch.device(device):
+                model = Phi4MultimodalForCausalLM(config).eval()
+        finally:
+            torch.set_default_dtype(previous)
         with torch.no_grad():  # nn.Embedding zeroes its padding row (pad = <|endoftext|>); the real row is trained
             model.get_input_embeddings().weight[config.pad_token_id].normal_(0.0, config.initializer_range)
         model.generation_config = GenerationConfig(
             bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id
         )
-        model.save_pretrained(tmp, max_shard_size="1MB")  # sharded with an index, as the real one
+        model.save_pretrained(tmp, max_shard_size=max_shard_size)  # sharded with an index, as the real one
         tokenizer.save_pretrained(tmp)
         Phi4MultimodalFeatureExtractor().save_pretrained(tmp)
         save_converted_adapter(model, tmp / "speech-lora", r=320, alpha=640, dropout=0.01, seed=seed + 1)
         save_converted_adapter(model, tmp / "vision-lora", r=256, alpha=512, dropout=0.0, seed=seed + 2)
-        (tmp / "TINY_MODEL.json").write_text(json.dumps({"version": TINY_MODEL_VERSION, "seed": seed}))
-        if out_dir.exists():  # another process finished first
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+        (tmp / "TINY_MODEL.json").write_text(json.dumps({**marker, "seed": seed}))
+    return Path(out_dir)
+
+
+def build_tiny_checkpoint(out_dir: str | Path, corpus_dir: str | Path | None = None, seed: int = 0) -> Path:
+    """Write the tiny checkpoint to ``out_dir`` (atomically: a half-built folder never appears)."""
+    tokenizer = build_tokenizer(Path(corpus_dir) if corpus_dir else None)
+    return write_checkpoint(
+        out_dir, tokenizer, build_config(tokenizer), seed=seed, marker={"version": TINY_MODEL_VERSION}
+    )
 
 
 def ensure_tiny_checkpoint(out_dir: str | Path, corpus_dir: str | Path | None = None) -> Path:

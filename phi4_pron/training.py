@@ -11,9 +11,15 @@ Run folder (Hydra's output dir)::
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import gc
+import json
 import logging
-from dataclasses import dataclass
+import os
+import socket
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +30,12 @@ from transformers import set_seed
 from trl import SFTConfig
 
 from phi4_pron import __version__, dist
-from phi4_pron.answer import Question, questions_from_config
+from phi4_pron.answer import TASK_FILE, Question, questions_from_config
 from phi4_pron.audio_cache import cache_audio_embeddings, unsupported_reason
-from phi4_pron.callbacks import TASK_FILE, EpochCheckpointCallback, EpochEvalCallback, latest_checkpoint
+from phi4_pron.callbacks import EpochCheckpointCallback, EpochEvalCallback, latest_checkpoint
 from phi4_pron.collator import PronunciationCollator
-from phi4_pron.config import LoraInit
-from phi4_pron.data import expand_questions, load_split, with_lengths
-from phi4_pron.evaluation import task_info
+from phi4_pron.config import LoraInit, OnBad
+from phi4_pron.data import checked, expand_questions, load_split, with_lengths
 from phi4_pron.modeling import (
     AUDIO_MODULES,
     adapter_summary,
@@ -42,6 +47,7 @@ from phi4_pron.modeling import (
     resolve_model_path,
     vision_lora_summary,
 )
+from phi4_pron.predictions import task_info
 from phi4_pron.results import write_json_atomic
 from phi4_pron.sweep import wandb_identity
 from phi4_pron.tracking import finish_wandb, report_to, start_wandb, tensorboard_callback
@@ -63,17 +69,90 @@ def gradient_accumulation(cfg: DictConfig, world_size: int) -> int:
     return accum
 
 
+class RunFolderError(RuntimeError):
+    """The run folder holds another run, or another job is using it; the message says what to do."""
+
+
+# Settings that do not change the trained model: a run may resume with other values of these.
+RESUME_SAFE = (
+    "logger",
+    "eval",
+    "resume",
+    "experiment_description",
+    "hardware.dataloader_num_workers",
+    "hardware.per_device_eval_batch_size",
+)
+
+
+def config_changes(saved: Any, current: Any, prefix: str = "") -> list[str]:
+    """Keys whose values differ between two resolved configs (``key: saved -> current``), RESUME_SAFE ones left out."""
+    if prefix.rstrip(".") in RESUME_SAFE:
+        return []
+    if isinstance(saved, dict) and isinstance(current, dict):
+        return [
+            c
+            for k in sorted(set(saved) | set(current), key=str)
+            for c in config_changes(saved.get(k), current.get(k), f"{prefix}{k}.")
+        ]
+    return [] if saved == current else [f"{prefix.rstrip('.')}: {saved!r} -> {current!r}"]
+
+
 def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
-    """``resume=auto`` continues from the newest checkpoint if the run folder has one; ``true`` requires one."""
+    """``resume=auto`` continues from the newest complete checkpoint if the run folder has one, ``true`` requires
+    one, ``false`` starts over, ``force`` continues even where the folder's run was trained with other settings (else
+    refused, naming them)."""
     mode = str(cfg.resume).lower()
     if mode in ("false", "no", "0"):
         return None
     ckpt = latest_checkpoint(run_dir)
-    if ckpt is None and mode in ("true", "yes", "1"):
-        raise FileNotFoundError(f"resume=true but {run_dir} has no checkpoint-* folder to resume from.")
-    if ckpt is not None:
-        log.info("resuming from %s", ckpt)
-    return str(ckpt) if ckpt else None
+    if ckpt is None and mode in ("true", "yes", "1", "force"):
+        raise FileNotFoundError(
+            f"resume={mode} but {run_dir} has no complete checkpoint-epoch-N folder to resume from."
+        )
+    if ckpt is None:
+        return None
+    saved = run_dir / "training_config.json"
+    if mode != "force" and saved.exists():
+        settings = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])  # a composed config may carry it
+        changes = config_changes(
+            json.loads(saved.read_text())["config"], OmegaConf.to_container(settings, resolve=True)
+        )
+        if changes:
+            raise RunFolderError(
+                f"{run_dir} holds a run trained with other settings ({len(changes)}: {'; '.join(changes[:8])}). "
+                "Resuming would keep that run's model under this config's record. Give this run its own folder "
+                "(hydra.run.dir=output/<name>), start over in this one (resume=false), or continue it anyway "
+                "(resume=force)."
+            )
+    log.info("resuming from %s", ckpt)
+    return str(ckpt)
+
+
+@contextlib.contextmanager
+def run_folder_lock(run_dir: Path):
+    """An exclusive lock on the run folder for the whole job (rank 0 holds it): a second job fails at once, naming
+    the holder, instead of mixing its checkpoints with this one's."""
+    if not dist.is_main_process():
+        yield
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / ".lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise RunFolderError(
+                f"{run_dir} is in use by another job ({f.read().strip() or 'holder unknown'}): wait for it to end, "
+                "or give this run another folder (hydra.run.dir=...)."
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def sft_config(cfg: DictConfig, run_dir: Path, world_size: int) -> SFTConfig:
@@ -127,6 +206,8 @@ class Prepared:
     audio_table: torch.Tensor | None
     adapter_tensors_loaded: int
     audio_cache_note: str
+    audio_cache_s: float | None = None  # seconds the one-off audio embedding pass took
+    data_problems: list[str] = field(default_factory=list)  # what data.on_bad=skip left out
 
 
 def load_model(cfg: DictConfig, device: torch.device | str = "cpu") -> tuple[Any, Any, Any, str, int]:
@@ -147,9 +228,13 @@ def load_model(cfg: DictConfig, device: torch.device | str = "cpu") -> tuple[Any
 def prepare(cfg: DictConfig, device: torch.device | str = "cpu") -> Prepared:
     """Model, processing, the training split (one row per recording and question, with length keys), its collator,
     and the cached audio embeddings where the audio encoder is frozen."""
-    model, tokenizer, feature_extractor, model_path, n_loaded = load_model(cfg, device)
     questions = questions_from_config(cfg.task)
     recordings = load_split(cfg.data.path, cfg.data.train_split, cfg.data.revision, cfg.data.max_train_samples)
+    skip = OnBad(cfg.data.on_bad) is OnBad.skip
+    recordings, problems = checked(recordings, cfg.data.min_seconds, cfg.data.max_seconds, skip)  # before the model
+    if problems:
+        log.warning("data.on_bad=skip: %d problems, those utterances left out, e.g. %s", len(problems), problems[:3])
+    model, tokenizer, feature_extractor, model_path, n_loaded = load_model(cfg, device)
     collator = PronunciationCollator(tokenizer, feature_extractor, questions, max_length=cfg.model.max_length)
     train_ds = with_lengths(expand_questions(recordings, list(questions)), collator.num_tokens)
     columns = (train_ds[c] for c in ("id", "question", "length"))
@@ -160,13 +245,15 @@ def prepare(cfg: DictConfig, device: torch.device | str = "cpu") -> Prepared:
             f"answer), e.g. {too_long[:5]} (utterance, question, tokens): raise model.max_length or drop those "
             "recordings."
         )
-    audio_table, note = None, "off (hardware.cache_audio_embeddings=false)"
+    audio_table, note, cache_s = None, "off (hardware.cache_audio_embeddings=false)", None
     if cfg.train_audio_encoder:
         note = "off: train_audio_encoder=true trains the audio encoder, so its embeddings change at every step"
         log.info("audio embeddings not cached: %s", note)
     elif cfg.hardware.cache_audio_embeddings:
         batch = cfg.eval.batch_size or cfg.hardware.per_device_eval_batch_size
+        start = time.perf_counter()
         cached = cache_audio_embeddings(model, train_ds, collator, batch, cfg.hardware.dataloader_num_workers)
+        cache_s = time.perf_counter() - start
         note = "on" if cached else f"off: {unsupported_reason(model.config)}"
         if cached:
             train_ds, collator, audio_table = cached
@@ -174,7 +261,18 @@ def prepare(cfg: DictConfig, device: torch.device | str = "cpu") -> Prepared:
         n = compile_layers(model, audio=audio_table is None)
         log.info("compiled %d layers (the first steps compile them)", n)
     return Prepared(
-        model, tokenizer, feature_extractor, model_path, questions, train_ds, collator, audio_table, n_loaded, note
+        model,
+        tokenizer,
+        feature_extractor,
+        model_path,
+        questions,
+        train_ds,
+        collator,
+        audio_table,
+        n_loaded,
+        note,
+        cache_s,
+        problems if skip else [],
     )
 
 
@@ -198,9 +296,17 @@ def task_record(cfg: DictConfig) -> dict[str, Any]:
     return OmegaConf.to_container(cfg.task, resolve=True)
 
 
-def run_training(cfg: DictConfig) -> dict[str, Any]:
-    """Train one configuration; returns the final training metrics."""
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+def run_training(cfg: DictConfig, run_dir: Path | None = None, callbacks: list | None = None) -> dict[str, Any]:
+    """Train one configuration in ``run_dir`` (default: Hydra's output folder), with extra Trainer ``callbacks``
+    (the benchmark's timer); returns the final training metrics. The folder is locked for the job, and a checkpoint
+    in it is resumed only if it was trained with these settings (checked before the model loads)."""
+    run_dir = Path(run_dir or HydraConfig.get().runtime.output_dir)
+    with run_folder_lock(run_dir):
+        resume = resume_checkpoint(cfg, run_dir)
+        return _train(cfg, run_dir, resume, callbacks)
+
+
+def _train(cfg: DictConfig, run_dir: Path, resume: str | None, callbacks: list | None) -> dict[str, Any]:
     world_size = dist.world_size()
     if cfg.hardware.num_gpus > 1 and world_size != cfg.hardware.num_gpus:
         log.warning(
@@ -250,7 +356,13 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
         "train_samples": len(prepared.train_dataset),
         "audio_embeddings_cached": prepared.audio_table is not None,
         "audio_embeddings_cache": prepared.audio_cache_note,
-        "data": {"path": cfg.data.path, "train_split": cfg.data.train_split},
+        "audio_embeddings_cache_s": prepared.audio_cache_s,
+        "data": {
+            "path": cfg.data.path,
+            "train_split": cfg.data.train_split,
+            "skipped_problems": len(prepared.data_problems),
+            "problems": prepared.data_problems[:100],
+        },
         "training_arguments": args.to_dict(),
         "phi4_pron_version": __version__,
         "config": OmegaConf.to_container(cfg, resolve=True),
@@ -262,7 +374,9 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
     wandb_name, wandb_group = wandb_identity(cfg.run_name)
     wandb_run = start_wandb(cfg, run_dir, job_type="train", name=wandb_name, group=wandb_group)
     task = task_record(cfg)
-    trainer = build_trainer(cfg, prepared, args, [EpochCheckpointCallback(task), *([tb] if tb else [])])
+    trainer = build_trainer(
+        cfg, prepared, args, [EpochCheckpointCallback(task), *([tb] if tb else []), *(callbacks or [])]
+    )
     eval_cb = None
     if cfg.eval.every_epoch:
         eval_ds = load_split(cfg.data.path, cfg.data.eval_split, cfg.data.revision, cfg.eval.limit)
@@ -280,7 +394,6 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
         )
         trainer.add_callback(eval_cb)
     try:
-        resume = resume_checkpoint(cfg, run_dir)
         if eval_cb is not None and cfg.eval.before_training and resume is None and trainer.is_world_process_zero():
             eval_cb.evaluate(model, epoch=0, step=0)  # the paper's epoch 0: the starting adapter, untrained
         result = trainer.train(resume_from_checkpoint=resume)

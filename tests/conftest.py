@@ -101,3 +101,13 @@ def smoke_runs(tmp_path_factory):
         return runs[lora]
 
     return get
+
+
+SLOW_MODULES = {"test_learning", "test_sweep", "test_distributed", "test_bench", "test_train"}
+
+
+def pytest_collection_modifyitems(items):
+    """``slow``: whole modules that train through the entrypoint, and every test using a trained smoke run."""
+    for item in items:
+        if item.module.__name__ in SLOW_MODULES or "smoke_runs" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)

@@ -75,6 +75,7 @@ def test_an_adapter_that_does_not_fit_is_an_error(tiny_model_dir, tmp_path):
         attach_speech_lora(_base(tiny_model_dir), R320, str(src))
 
 
+@pytest.mark.slow  # a subprocess
 def test_a_remote_code_layout_stops_before_any_weights_load(tiny_model_dir, tmp_path):
     src = tmp_path / "remote"
     shutil.copytree(tiny_model_dir, src)
@@ -103,6 +104,7 @@ def test_a_tokenizer_without_the_models_audio_token_is_refused(tiny_model_dir, t
         audio_token_id(tokenizer, config)
 
 
+@pytest.mark.slow  # a subprocess
 @pytest.mark.parametrize("lora", ["r64", "r320"])
 def test_check_passes_on_the_tiny_checkpoint(lora):
     proc = run_cli(["-m", "phi4_pron.check", "experiment=smoke", f"lora={lora}"])

@@ -34,7 +34,7 @@ def test_defaults_are_the_paper_setting():
     assert (cfg.optim.lr, cfg.optim.epochs, cfg.optim.effective_batch_size) == (2e-5, 4, 64)
     assert cfg.task.name == "paper" and list(cfg.task.questions) == ["apa", "mdd"] and not cfg.train_audio_encoder
     assert cfg.model.revision == "refs/pr/70"  # the hub's native layout (main is remote code)
-    assert cfg.hardware.per_device_train_batch_size == 32 and cfg.hardware.compile and cfg.model.max_length == 2048
+    assert cfg.hardware.per_device_train_batch_size == 16 and cfg.hardware.compile and cfg.model.max_length == 2048
     assert cfg.model.name_or_path == "microsoft/Phi-4-multimodal-instruct" and cfg.model.dtype == "bfloat16"
     assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.init.value) == (64, 128, 0.05, "fresh")
     r320 = compose(["lora=r320"]).lora
@@ -65,7 +65,8 @@ def test_wrong_value_fails(override):
 def test_gradient_accumulation_is_derived_from_the_effective_batch():
     from phi4_pron.training import gradient_accumulation
 
-    assert gradient_accumulation(compose(["hardware=a100"]), world_size=1) == 2  # 64 / 32
+    assert gradient_accumulation(compose(["hardware=a100"]), world_size=1) == 4  # 64 / 16
+    assert gradient_accumulation(compose(["hardware=h100", "train_audio_encoder=true"]), world_size=1) == 8  # 64 / 8
     assert gradient_accumulation(compose(["hardware=a6000"]), world_size=1) == 8  # 64 / 8
     assert gradient_accumulation(compose(["hardware=2x4090"]), world_size=2) == 8
     with pytest.raises(ValueError, match="effective_batch_size"):

@@ -33,8 +33,8 @@ def test_evaluate_writes_every_file_and_the_table(run_dir):
 def test_compiled_decoding_answers_as_the_dynamic_cache(run_dir):
     """``eval.compile``'s path (static cache, longest texts first, last batch filled up): the same answers."""
     from phi4_pron.data import load_split
-    from phi4_pron.evaluation import generate_records
     from phi4_pron.inference import DECODE_ATTENTION, load_adapter_for_inference
+    from phi4_pron.predictions import generate_records
 
     model, tokenizer, fe, questions = load_adapter_for_inference(run_dir / "final_model")
     assert model.config._attn_implementation == DECODE_ATTENTION and list(questions) == ["apa", "mdd"]
@@ -70,6 +70,7 @@ def test_packed_decode_attention_equals_repeated_heads(compiled):
     torch.testing.assert_close(out, ref.transpose(1, 2))
 
 
+@pytest.mark.slow  # a subprocess
 def test_rescoring_saved_predictions_needs_no_model(tmp_path):
     ref = {
         "accuracy": 8,
@@ -189,6 +190,7 @@ def test_assess_errors_are_clear(run_dir, tmp_path, args, message):
     assert proc.returncode != 0 and message in proc.stderr
 
 
+@pytest.mark.slow  # a subprocess
 def test_assess_refuses_a_folder_without_adapter(tmp_path):
     wav = next((MINI / "WAVE").rglob("*.WAV"))
     proc = run_cli(["-m", "phi4_pron.assess", f"model_path={tmp_path}", f"audio={wav}", "text=HELLO"], check=False)

@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from phi4_pron.evaluation import score
 from phi4_pron.metrics import detected_mispronunciations, mdd_scores, pcc, per, wer
+from phi4_pron.predictions import score
 
 
 def test_pcc_hand_computed():

@@ -171,7 +171,7 @@ def test_resume_true_without_checkpoint_is_refused(tmp_path):
         ["-m", "phi4_pron.train", "experiment=smoke", "logger=none", "resume=true", f"output_root={tmp_path}"],
         check=False,
     )
-    assert proc.returncode != 0 and "has no checkpoint-* folder to resume from" in proc.stderr
+    assert proc.returncode != 0 and "has no complete checkpoint-epoch-N folder to resume from" in proc.stderr
 
 
 def test_a_finished_job_releases_its_model(tmp_path):

@@ -1,0 +1,163 @@
+"""One benchmark row: a ``python -m phi4_pron.train`` (or ``evaluate``) command run in this process, timed.
+
+The config is composed by Hydra from ``conf/`` with the row's overrides, exactly as the entrypoint composes it, and
+handed to :func:`phi4_pron.training.run_training` / :func:`phi4_pron.evaluation.run_evaluation`: the benchmark adds a
+timer callback and nothing else.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from transformers import TrainerCallback
+
+from phi4_pron.config import REPO_ROOT
+
+
+def compose(config_name: str, overrides: list[str]) -> DictConfig:
+    """The config ``python -m phi4_pron.<entrypoint> <overrides>`` runs with (schema checks included)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    import phi4_pron.config  # noqa: F401  (registers the schema)
+
+    with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base="1.3"):
+        return hydra_compose(config_name=config_name, overrides=overrides)
+
+
+def command(entrypoint: str, overrides: list[str]) -> str:
+    return " ".join([f"python -m phi4_pron.{entrypoint}", *overrides])
+
+
+def versions() -> dict[str, str]:
+    import peft
+    import transformers
+    import trl
+
+    return {
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "cuda": str(torch.version.cuda),
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "trl": trl.__version__,
+    }
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gib() -> float:
+    return torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available() else math.nan
+
+
+class StepTimer(TrainerCallback):
+    """Wall time of the optimizer steps after the first ``warmup`` (compile) ones, the GPU synchronised only at the
+    start and the end of that window (a sync per step would drain the GPU's queue, which training never does); the
+    training split's mean tokens per sample; the language model's parameters that take part in each token's FLOPs."""
+
+    def __init__(self, warmup: int):
+        self.warmup = warmup
+        self.begin = self.start = self.end = math.nan
+        self.steps, self.tokens_per_sample, self.samples, self.lm_params = 0, math.nan, 0, 0
+        self.log_history: list[dict] = []
+
+    def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
+        _sync()
+        self.begin = time.perf_counter()
+        self.prepare_peak_gib = peak_gib()  # loading, the audio embedding pass
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        lengths = train_dataloader.dataset["length"]
+        self.samples, self.tokens_per_sample = len(lengths), sum(lengths) / len(lengths)
+        named = model.named_parameters()
+        self.lm_params = sum(p.numel() for n, p in named if ".layers." in n and "lora_" not in n and "audio" not in n)
+        self.lm_params += model.get_output_embeddings().weight.numel()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.warmup:
+            _sync()
+            self.start = time.perf_counter()
+        if state.global_step == state.max_steps:
+            _sync()
+            self.end = time.perf_counter()
+            self.steps = state.global_step - self.warmup
+            self.peak_gib = peak_gib()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.log_history = list(state.log_history)
+
+
+def train_row(overrides: list[str], warmup: int, steps: int, run_dir: Path) -> dict[str, Any]:
+    """Train ``warmup + steps`` optimizer steps with the config of ``overrides``; the row's figures."""
+    from phi4_pron.training import run_training
+
+    overrides = [*overrides, f"optim.max_steps={warmup + steps}"]
+    cfg = compose("train", overrides)
+    free_memory()
+    timer = StepTimer(warmup)
+    run_training(cfg, run_dir=run_dir, callbacks=[timer])
+    record = json.loads((run_dir / "training_config.json").read_text())
+    per_step = record["effective_batch_size"]
+    step_s = (timer.end - timer.start) / timer.steps if timer.steps > 0 else math.nan
+    free_memory()
+    return {
+        "command": command("train", overrides),
+        "s_per_step": step_s,
+        "epoch_s": timer.samples / per_step * step_s,
+        "warmup_s": timer.start - timer.begin,
+        "audio_cache_s": record.get("audio_embeddings_cache_s"),
+        "samples_per_epoch": timer.samples,
+        "samples_per_s": per_step / step_s,
+        "tokens_per_sample": round(timer.tokens_per_sample, 1),
+        "tflops": 4 * timer.lm_params * timer.tokens_per_sample * per_step / step_s / 1e12,
+        "peak_gib": getattr(timer, "peak_gib", math.nan),  # the training steps
+        "prepare_peak_gib": timer.prepare_peak_gib,
+        "trainable_params": record["trainable_params"],
+        "losses": [h["loss"] for h in timer.log_history if "loss" in h],
+        "run_dir": str(run_dir),
+    }
+
+
+def eval_row(overrides: list[str], scale_to: int | None = None) -> dict[str, Any]:
+    """Run ``python -m phi4_pron.evaluate <overrides>``; wall seconds, and the generation's share (compile
+    included) from its metrics.json. ``scale_to``: the seconds scaled to that many recordings."""
+    from phi4_pron.evaluation import run_evaluation
+
+    cfg = compose("evaluate", overrides)
+    free_memory()
+    start = time.perf_counter()
+    metrics = run_evaluation(cfg)
+    wall = time.perf_counter() - start
+    saved = json.loads((Path(cfg.out_dir) / "metrics.json").read_text())
+    n = metrics["n_utterances"]
+    scale = (scale_to or n) / n
+    row = {
+        "command": command("evaluate", overrides),
+        "recordings": n,
+        "wall_s": wall,
+        "generate_s": saved["seconds"]["generate"],
+        "score_s": saved["seconds"]["score"],
+        "test_split_s": (saved["seconds"]["generate"] + saved["seconds"]["score"]) * scale,
+        "failed": metrics["n_failed"],
+        "peak_gib": peak_gib(),
+    }
+    free_memory()
+    return row
