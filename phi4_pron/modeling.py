@@ -43,6 +43,11 @@ def resolve_model_path(model_cfg: Any) -> str:
     """A local folder (building the tiny checkpoint if asked) or the hub id, checked before any download."""
     path = Path(model_cfg.name_or_path).expanduser()
     if model_cfg.build_tiny:
+        if path.is_dir() and not (path / "TINY_MODEL.json").exists() and not (path / "config.json").exists():
+            raise ModelPathError(
+                f"model.name_or_path={path} is a folder without a checkpoint (no config.json) and not one this "
+                "project built: remove it (the tiny model is built there), or point model.name_or_path elsewhere."
+            )
         return str(ensure_tiny_checkpoint(path, REPO_ROOT / "data" / "speechocean762-mini"))
     if path.is_dir():
         if not (path / "config.json").exists():

@@ -135,8 +135,15 @@ def run_folder_lock(run_dir: Path):
     if not dist.is_main_process():
         yield
         return
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / ".lock", "a+") as f:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        lock = open(run_dir / ".lock", "a+")  # noqa: SIM115 - closed below
+    except OSError as e:
+        raise RunFolderError(
+            f"cannot write the run folder {run_dir} ({e.strerror}): choose a writable output_root=... or "
+            "hydra.run.dir=..."
+        ) from None
+    with lock as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

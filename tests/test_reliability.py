@@ -183,3 +183,24 @@ def test_evaluation_and_resume_leave_training_bit_identical(tmp_path):
         adapter = _adapter(other)
         assert adapter.keys() == reference.keys()
         assert all(torch.equal(adapter[k], reference[k]) for k in reference), other.name
+
+
+def test_an_empty_model_folder_is_named_not_built_over(tmp_path):
+    from omegaconf import OmegaConf
+
+    from phi4_pron.modeling import ModelPathError, resolve_model_path
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "notes.txt").write_text("not a checkpoint")
+    cfg = OmegaConf.create({"name_or_path": str(tmp_path / "model"), "build_tiny": True})
+    with pytest.raises(ModelPathError, match="without a checkpoint \\(no config.json\\)"):
+        resolve_model_path(cfg)
+
+
+def test_an_unwritable_run_folder_is_named(tmp_path):
+    from phi4_pron.training import RunFolderError, run_folder_lock
+
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(RunFolderError, match="cannot write the run folder .*a_file/run"):
+        with run_folder_lock(tmp_path / "a_file" / "run"):
+            pass
