@@ -268,18 +268,18 @@ def prepare(cfg: DictConfig, device: torch.device | str = "cpu") -> Prepared:
         n = compile_layers(model, audio=audio_table is None)
         log.info("compiled %d layers (the first steps compile them)", n)
     return Prepared(
-        model,
-        tokenizer,
-        feature_extractor,
-        model_path,
-        questions,
-        train_ds,
-        collator,
-        audio_table,
-        n_loaded,
-        note,
-        cache_s,
-        problems if skip else [],
+        model=model,
+        tokenizer=tokenizer,
+        feature_extractor=feature_extractor,
+        model_path=model_path,
+        questions=questions,
+        train_dataset=train_ds,
+        collator=collator,
+        audio_table=audio_table,
+        adapter_tensors_loaded=n_loaded,
+        audio_cache_note=note,
+        audio_cache_s=cache_s,
+        data_problems=problems,  # empty unless data.on_bad=skip (else checked() raised)
     )
 
 

@@ -46,17 +46,6 @@ COLUMNS = {
         "peak_gib",
     ],
     "check": ["label", "s_per_step", "losses"],
-    "trial": [
-        "label",
-        "lora",
-        "s_per_step",
-        "epoch_s",
-        "audio_cache_s",
-        "warmup_s",
-        "tokens_per_sample",
-        "tflops",
-        "peak_gib",
-    ],
 }
 # the tiny model on a CPU: every row's code path runs, nothing is measured
 TINY_BASE = ["experiment=smoke", "logger=none", "eval.every_epoch=false", "optim.effective_batch_size=64"]
@@ -219,7 +208,7 @@ def markdown(rows: list[dict[str, Any]], columns: list[str]) -> str:
 
 def ratios(rows: list[dict[str, Any]], key: str) -> None:
     """Each row's ``key`` as a multiple of speed of the first (original) row of the same kind."""
-    base = rows[0].get(key) if rows else None
+    base = rows[0].get(key) if rows and "original" in rows[0].get("label", "").lower() else None
     for r in rows:
         if base and r.get(key) and "original" not in r.get("label", "").lower():
             r["vs_original"] = f"{base / r[key]:.1f}x faster"
@@ -252,14 +241,14 @@ def main(argv: list[str] | None = None) -> None:
             r["fits"] = r["free_share"] >= 0.10
     else:
         base = base_overrides(a.root, a.tiny, seconds=spec.get("seconds"))
-        results = run_train_rows(spec, rows, base, after, a.root, a.tiny, a.mode, keep=a.mode == "check")
+        check = a.mode == "check"
+        results = run_train_rows(spec, rows, base, after, a.root, a.tiny, a.mode, keep=check)  # check reads them
         if a.mode == "train":
             ratios(results, "epoch_s")
-        if a.mode == "check" and len(results) == 2:
+        if check and len(results) == 2:
             summary = compare(results)
-        for r in results:
-            if "run_dir" in r:
-                shutil.rmtree(r["run_dir"], ignore_errors=True)
+        for r in results if check else []:
+            shutil.rmtree(r.get("run_dir", ""), ignore_errors=True)
     meta = {**versions(), "date": started, "argv": " ".join(sys.argv[1:] if argv is None else argv)}
     table = markdown(results, COLUMNS[a.mode])
     if summary:

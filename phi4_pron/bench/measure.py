@@ -75,7 +75,7 @@ class StepTimer(TrainerCallback):
 
     def __init__(self, warmup: int):
         self.warmup = warmup
-        self.begin = self.start = self.end = math.nan
+        self.begin = self.start = self.end = self.peak_gib = self.prepare_peak_gib = math.nan
         self.steps, self.tokens_per_sample, self.samples, self.lm_params = 0, math.nan, 0, 0
         self.log_history: list[dict] = []
 
@@ -128,7 +128,7 @@ def train_row(overrides: list[str], warmup: int, steps: int, run_dir: Path) -> d
         "samples_per_s": per_step / step_s,
         "tokens_per_sample": round(timer.tokens_per_sample, 1),
         "tflops": 4 * timer.lm_params * timer.tokens_per_sample * per_step / step_s / 1e12,
-        "peak_gib": getattr(timer, "peak_gib", math.nan),  # the training steps
+        "peak_gib": timer.peak_gib,  # the training steps
         "prepare_peak_gib": timer.prepare_peak_gib,
         "trainable_params": record["trainable_params"],
         "losses": [h["loss"] for h in timer.log_history if "loss" in h],
