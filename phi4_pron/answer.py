@@ -101,11 +101,16 @@ class Question:
     fields: tuple[str, ...]
     control: str = ""  # plain text after <|user|>, before the audio (the paper's <|APA|> / <|MDD|>)
     keys: Mapping[str, str] = field(default_factory=dict)  # field -> JSON key where they differ
+    max_new_tokens: int | None = None  # generation stops here (a cap below the evaluation's own); None: no cap
 
     def __post_init__(self) -> None:
         unknown = [f for f in self.fields if f not in FIELDS]
         if unknown or not self.fields:
             raise ValueError(f"question {self.name!r}: fields {list(self.fields)} must be some of {FIELDS}")
+
+    def answer_budget(self, max_new_tokens: int) -> int:
+        """New tokens generation allows this question's answer: its own cap, never more than ``max_new_tokens``."""
+        return min(max_new_tokens, self.max_new_tokens or max_new_tokens)
 
     def key(self, name: str) -> str:
         return self.keys.get(name, name)
@@ -143,6 +148,7 @@ def questions_from_config(task_cfg: Any) -> dict[str, Question]:
             fields=tuple(q["fields"]),
             control=q.get("control") or "",
             keys=dict(q.get("keys") or {}),
+            max_new_tokens=q.get("max_new_tokens"),
         )
         for name, q in task_cfg["questions"].items()
     }

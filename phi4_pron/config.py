@@ -74,6 +74,7 @@ class QuestionConfig:
     fields: list[str] = MISSING  # accuracy fluency prosodic total transcript phones mispronunciations
     control: str = ""  # plain text between <|user|> and the audio, e.g. <|APA|>
     keys: dict[str, str] = field(default_factory=dict)  # field -> JSON key where they differ
+    max_new_tokens: int | None = None  # the longest answer generation lets it have (None: eval.max_new_tokens)
 
 
 @dataclass

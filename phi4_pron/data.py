@@ -202,6 +202,29 @@ def decode_audio(audio: Any, utt_id: str = "?"):
         ) from e
 
 
+def _wav_seconds(audio: Any) -> float | None:
+    """A PCM WAV's duration from its RIFF header (Python's ``wave``, microseconds, where FFmpeg's probe takes
+    milliseconds: a split's thousands of headers are read before training and evaluation); None for anything else."""
+    import io
+    import wave
+
+    source = audio if isinstance(audio, (str, Path)) else audio.get("bytes") or audio.get("path")
+    if isinstance(source, bytes):
+        source = io.BytesIO(source) if source[:4] == b"RIFF" else None
+    elif source is None or not str(source).lower().endswith(".wav"):
+        source = None
+    if source is None:
+        return None
+    try:
+        size = len(source.getbuffer()) if isinstance(source, io.BytesIO) else Path(source).stat().st_size
+        with wave.open(source if isinstance(source, io.BytesIO) else str(source)) as w:
+            data = w.getnframes() * w.getsampwidth() * w.getnchannels()
+            # a streamed WAV's header may give no size (0) or a wrong one: left to FFmpeg
+            return w.getnframes() / w.getframerate() if 0 < data <= size else None
+    except (wave.Error, EOFError, OSError, ZeroDivisionError):
+        return None  # not plain PCM, or broken: FFmpeg reads it, or names the problem
+
+
 def check_audio_file(audio: Any, utt_id: str = "?") -> float:
     """Open one recording's header (cheap); returns its duration in seconds.
 
@@ -209,6 +232,8 @@ def check_audio_file(audio: Any, utt_id: str = "?") -> float:
     """
     if isinstance(audio, (np.ndarray, list)):
         return len(audio) / SAMPLING_RATE
+    if (seconds := _wav_seconds(audio)) is not None:
+        return seconds
     try:
         meta = _decoder(audio).metadata
         return float(meta.duration_seconds_from_header or meta.duration_seconds or 0.0)

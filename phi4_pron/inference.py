@@ -126,11 +126,25 @@ def static_cache_len(prompt_tokens: int, max_new_tokens: int) -> int:
     return -(-(prompt_tokens + max_new_tokens) // STATIC_CACHE_STEP) * STATIC_CACHE_STEP
 
 
+def forget_static_cache_length(model) -> None:
+    """Let the next static cache be as short as its batch needs: transformers' ``generate`` keeps the longest
+    static cache length it has used (``_previous_max_cache_length``) and never allocates a shorter one after it."""
+    for m in (model, getattr(model, "get_base_model", lambda: None)()):
+        if m is not None and hasattr(m, "_previous_max_cache_length"):
+            del m._previous_max_cache_length
+
+
 @torch.inference_mode()
 def generate_from_batch(
-    model, tokenizer, batch: dict[str, torch.Tensor], max_new_tokens: int = 256, cache_len: int | None = None
+    model,
+    tokenizer,
+    batch: dict[str, torch.Tensor],
+    max_new_tokens: int = 256,
+    cache_len: int | None = None,
+    row_budgets: Sequence[int] | None = None,
 ) -> list[str]:
-    """Greedy answers for one collated batch (from :func:`generation_collator`), prompt stripped.
+    """Greedy answers for one collated batch (from :func:`generation_collator`), prompt stripped; ``row_budgets``
+    cuts each row's answer at its own number of tokens (its question's cap), whatever its batch mates need.
 
     ``cache_len``: a static cache of that many positions (at least the prompt + ``max_new_tokens``), with which
     transformers compiles the decoding step on a GPU (Inductor + CUDA graphs, transformers' default
@@ -153,7 +167,10 @@ def generate_from_batch(
         suppress_tokens=placeholder_ids(model.config),
         **extra,
     )
-    return tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+    answers = out[:, batch["input_ids"].shape[1] :]
+    if row_budgets is None:
+        return tokenizer.batch_decode(answers, skip_special_tokens=True)
+    return [tokenizer.decode(a[:n], skip_special_tokens=True) for a, n in zip(answers, row_budgets, strict=True)]
 
 
 def generate_answers(
@@ -165,6 +182,7 @@ def generate_answers(
     max_new_tokens: int = 256,
 ) -> list[str]:
     """Greedy answers for one batch of rows (each with ``audio``, ``text`` and, where the task asks several, its
-    ``question``), prompt stripped."""
-    batch = generation_collator(tokenizer, feature_extractor, questions)(rows)
-    return generate_from_batch(model, tokenizer, batch, max_new_tokens)
+    ``question``), prompt stripped; at most ``max_new_tokens``, or the rows' questions' own cap where smaller."""
+    collator = generation_collator(tokenizer, feature_extractor, questions)
+    budgets = [collator.question(r).answer_budget(max_new_tokens) for r in rows]
+    return generate_from_batch(model, tokenizer, collator(rows), max(budgets), row_budgets=budgets)

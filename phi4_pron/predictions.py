@@ -28,8 +28,15 @@ from phi4_pron.answer import (
     mispronounced_flags,
     pronounced_phones,
 )
-from phi4_pron.data import expand_questions
-from phi4_pron.inference import generate_answers, generate_from_batch, generation_collator, static_cache_len
+from phi4_pron.collator import QUESTION
+from phi4_pron.data import DataError, check_audio_file, expand_questions
+from phi4_pron.inference import (
+    forget_static_cache_length,
+    generate_answers,
+    generate_from_batch,
+    generation_collator,
+    static_cache_len,
+)
 from phi4_pron.metrics import detected_mispronunciations, mdd_scores, pcc, per, wer
 from phi4_pron.paper import HEADLINE
 from phi4_pron.results import write_json_atomic, write_text_atomic
@@ -93,24 +100,33 @@ def generate_records(
     """One record per recording, in the dataset's order: id, raw answers (question -> text), the answers parsed and
     joined into one dict of fields (None if none parses), reference, error (None, or why a question failed).
 
-    Every question of every recording is one prompt; prompts are batched by length (little padding, and a batch's
-    answers end at about the same step), the questions of the task mixed in the same batches, and ``num_workers``
+    Every question of every recording is one prompt. Prompts are batched question by question, longest first
+    (token counts from the recordings' headers), so a batch carries little padding and stops at its question's
+    answer budget (:meth:`Question.answer_budget`: an APA batch after a few dozen tokens). ``num_workers``
     DataLoader processes decode and featurize the next batches while the GPU generates.
-    ``compiled``: a static cache and compiled decoding steps (:func:`inference.generate_from_batch`) of one shape
-    for the whole split, so that it compiles once: longest prompts first, the first batch's cache length for every
-    batch (a longer prompt later costs a recompile), and the last batch filled up with repeats of its first prompt.
+    ``compiled``: a static cache and compiled decoding steps (:func:`inference.generate_from_batch`), compiled once
+    per question: each question's batches share one cache length (the questions in ascending order of it, since
+    transformers only ever lengthens a static cache) and one batch size (its last batch filled up with repeats).
     """
     names = list(questions)
     n = len(dataset)
     prompts = expand_questions(dataset, names)  # prompt j asks question names[j // n] about recording j % n
-    texts = list(dataset["text"])
-    size = [len(questions[names[j // n]].instruction) + len(texts[j % n]) for j in range(len(prompts))]
-    order = sorted(range(len(prompts)), key=size.__getitem__, reverse=compiled)
-    index_batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    if compiled and index_batches:
-        index_batches[-1] += index_batches[-1][:1] * (batch_size - len(index_batches[-1]))
-    cache_len = None
     collator = generation_collator(tokenizer, feature_extractor, questions)
+    length = prompt_lengths(dataset, names, collator)
+    budget = [questions[names[j // n]].answer_budget(max_new_tokens) for j in range(len(prompts))]
+    groups = []  # per question: its batches and the cache length they need
+    for k in range(len(names)):
+        order = sorted(range(k * n, (k + 1) * n), key=length.__getitem__, reverse=True)
+        batches = [order[i : i + batch_size] for i in range(0, n, batch_size)]
+        if compiled and batches:
+            batches[-1] += batches[-1][:1] * (batch_size - len(batches[-1]))
+        # the longest prompt (8 more: a header's duration may differ a little from the decoded one) + the answer
+        longest = collator.padded_length(length[order[0]] + 8) + budget[order[0]] if order else 0
+        groups.append((static_cache_len(longest, 0) if compiled else None, batches))
+    groups.sort(key=lambda g: g[0] or 0)
+    index_batches = [b for _, batches in groups for b in batches]
+    cache_lens = [cache_len for cache_len, batches in groups for _ in batches]
+    forget_static_cache_length(model)
     loader = DataLoader(
         prompts,
         batch_sampler=index_batches,
@@ -121,13 +137,16 @@ def generate_records(
     answers: list[str | Exception | None] = [None] * len(prompts)
     meta: list[dict[str, Any] | None] = [None] * n
     bar = tqdm(total=len(prompts), desc="evaluating", unit="prompt", disable=not progress)
-    for indices, (rows, batch) in zip(index_batches, loader, strict=True):
+    for k, (indices, cache_len, (rows, batch)) in enumerate(zip(index_batches, cache_lens, loader, strict=True)):
+        if k and cache_len != cache_lens[k - 1] and torch.cuda.is_available():
+            torch.cuda.empty_cache()  # the shorter cache's freed blocks back to the card before the longer one
         try:
             if isinstance(batch, Exception):
                 raise batch
-            if compiled and cache_len is None:
-                cache_len = static_cache_len(batch["input_ids"].shape[1], max_new_tokens)
-            out: list[str | Exception] = generate_from_batch(model, tokenizer, batch, max_new_tokens, cache_len)
+            budgets = [budget[j] for j in indices]
+            out: list[str | Exception] = generate_from_batch(
+                model, tokenizer, batch, max(budgets), cache_len, row_budgets=budgets
+            )
         except Exception:  # find the culprit(s): retry one by one, reading the rows (audio too) again
             out = []
             for j in indices:
@@ -143,6 +162,20 @@ def generate_records(
         bar.update(len(set(indices)))
     bar.close()
     return [_record(meta[i], {q: answers[k * n + i] for k, q in enumerate(names)}, questions) for i in range(n)]
+
+
+def prompt_lengths(dataset, names: list[str], collator) -> list[int]:
+    """The token count of each prompt of ``expand_questions(dataset, names)``, the audio placeholders counted from
+    the recording's header (an unreadable one counts none: its batch fails and is retried prompt by prompt, where
+    it is recorded as failed)."""
+    seconds = []
+    for utt, audio in zip(dataset["id"], dataset["audio"], strict=True):
+        try:
+            seconds.append(check_audio_file(audio, utt))
+        except DataError:
+            seconds.append(0.0)
+    rows = dataset.remove_columns("audio").to_list()
+    return [collator.num_tokens({**r, QUESTION: q}, d) for q in names for r, d in zip(rows, seconds, strict=True)]
 
 
 def _record(row: dict[str, Any], answers: dict[str, str | Exception], questions: dict[str, Question]) -> dict:

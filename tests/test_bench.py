@@ -32,3 +32,17 @@ def test_fast_path_trains_the_same_model_and_rows_reproduce(tmp_path):
     state = json.loads(next(run_dir.glob("checkpoint-epoch-*/trainer_state.json")).read_text())
     losses = [h["loss"] for h in state["log_history"] if "loss" in h]
     assert losses == pytest.approx(fast["losses"], rel=1e-5)
+
+
+def test_floor_times_the_epoch_that_training_runs(tmp_path):
+    """``bench floor`` takes its micro-batches from the same epoch a training row runs: as many, of the same tokens."""
+    root, out = str(tmp_path / "bench"), tmp_path / "out"
+    run_cli(["-m", "phi4_pron.bench", "floor", "--tiny", "--only", "0", "1", "--root", root, "--out", str(out)])
+    run_cli(["-m", "phi4_pron.bench", "train", "--tiny", "--only", "1", "--root", root, "--out", str(out)])
+    frozen, lora = json.loads((out / "floor.json").read_text())["rows"]
+    (train,) = json.loads((out / "train.json").read_text())["rows"]
+    for row in (frozen, lora):
+        assert row["micro_batches"] == train["samples_per_epoch"] // 16  # the h100 preset's batch
+        assert row["tokens_per_sample"] == pytest.approx(train["tokens_per_sample"], abs=0.05)
+        assert 0 <= row["padding_share"] < 0.2 and row["epoch_s"] > 0
+    assert lora["lora"] == "r64" and "lora=r64" in lora["command"]

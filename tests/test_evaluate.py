@@ -31,7 +31,7 @@ def test_evaluate_writes_every_file_and_the_table(run_dir):
 
 
 def test_compiled_decoding_answers_as_the_dynamic_cache(run_dir):
-    """``eval.compile``'s path (static cache, longest texts first, last batch filled up): the same answers."""
+    """``eval.compile``'s path (static cache, longest prompts first, last batch filled up): the same answers."""
     from phi4_pron.data import load_split
     from phi4_pron.inference import DECODE_ATTENTION, load_adapter_for_inference
     from phi4_pron.predictions import generate_records
@@ -48,6 +48,32 @@ def test_compiled_decoding_answers_as_the_dynamic_cache(run_dir):
     assert [r["id"] for r in compiled] == list(rows["id"])  # the padded last batch adds no record
     assert [r["raw"] for r in compiled] == [r["raw"] for r in eager]
     assert any(r["raw"]["apa"] for r in eager)
+
+
+def test_a_questions_cap_cuts_its_answers_only(run_dir):
+    """APA capped at 2 tokens: its answers are those of a 2-token evaluation, MDD's those of the 12-token one; also
+    where one batch asks both (``generate_answers``, as ``assess`` does)."""
+    from dataclasses import replace
+
+    from phi4_pron.data import expand_questions, load_split
+    from phi4_pron.inference import generate_answers, load_adapter_for_inference
+    from phi4_pron.predictions import generate_records
+
+    model, tokenizer, fe, questions = load_adapter_for_inference(run_dir / "final_model")
+    rows = load_split(str(MINI), "test", limit=5)
+    capped = {**questions, "apa": replace(questions["apa"], max_new_tokens=2)}
+    short, long, mixed = (
+        generate_records(model, tokenizer, fe, q, rows, batch_size=3, max_new_tokens=m, progress=False)
+        for q, m in ((questions, 2), (questions, 12), (capped, 12))
+    )
+    assert [r["raw"]["apa"] for r in mixed] == [r["raw"]["apa"] for r in short]
+    assert [r["raw"]["mdd"] for r in mixed] == [r["raw"]["mdd"] for r in long]
+    assert [r["raw"]["apa"] for r in long] != [r["raw"]["apa"] for r in short]  # the cap cut something
+    both = [expand_questions(rows, ["apa", "mdd"])[j] for j in (0, 5)]  # recording 0's APA and MDD prompts
+    short, long, mixed = (
+        generate_answers(model, tokenizer, fe, q, both, m) for q, m in ((questions, 2), (questions, 12), (capped, 12))
+    )
+    assert mixed == [short[0], long[1]] and long[0] != short[0]
 
 
 @pytest.mark.parametrize("compiled", [False, True])

@@ -91,3 +91,20 @@ def test_lengths_are_durations():
 
     ds = with_lengths(load_split(str(MINI), "train", limit=2))
     assert ds[0]["length"] == 328 and all(n > 100 for n in ds["length"])  # 000010149.WAV lasts 3.28 s
+
+
+def test_wav_headers_give_ffmpegs_durations(tmp_path):
+    """The RIFF header fast path agrees with FFmpeg's probe; a header whose size it cannot trust goes to FFmpeg."""
+    from phi4_pron.data import _decoder, _wav_seconds, check_audio_file
+
+    wavs = sorted((MINI / "WAVE").rglob("*.WAV"))[:8]
+    for wav in wavs:
+        probe = _decoder(str(wav)).metadata.duration_seconds_from_header
+        assert _wav_seconds(str(wav)) == pytest.approx(probe, abs=1e-3)
+        assert _wav_seconds({"bytes": wav.read_bytes(), "path": None}) == pytest.approx(probe, abs=1e-3)
+    streamed = bytearray(wavs[0].read_bytes())
+    streamed[40:44] = b"\xff\xff\xff\xff"  # the data chunk's size, as a stream writer leaves it
+    (tmp_path / "streamed.wav").write_bytes(streamed)
+    assert _wav_seconds(str(tmp_path / "streamed.wav")) is None
+    assert check_audio_file(str(tmp_path / "streamed.wav")) == pytest.approx(check_audio_file(str(wavs[0])), abs=0.05)
+    assert _wav_seconds(str(tmp_path / "x.flac")) is None

@@ -4,6 +4,7 @@
     python -m phi4_pron.bench memory --out experiments/benchmarks   # peak GiB of every preset, longest audio
     python -m phi4_pron.bench eval   --out experiments/benchmarks   # s for the test split, original vs preset
     python -m phi4_pron.bench check  --out experiments/benchmarks   # fast path vs original recipe: same training?
+    python -m phi4_pron.bench floor  --out experiments/benchmarks   # the LM alone over an epoch's batches: the floor
     python -m phi4_pron.bench train --tiny --only 0 1               # the same code on the tiny model (CPU)
 
 Rows are `python -m phi4_pron.train` / `evaluate` commands, composed by Hydra from ``conf/`` with the overrides in

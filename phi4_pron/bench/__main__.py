@@ -1,5 +1,5 @@
-"""``python -m phi4_pron.bench train|memory|eval|check [--tiny] [--out DIR] [--only I ...]``: speed and memory of the
-framework's own commands on a full-size random-weight model (see ``phi4_pron/bench/__init__.py``)."""
+"""``python -m phi4_pron.bench train|memory|eval|check|floor [--tiny] [--out DIR] [--only I ...]``: speed and memory
+of the framework's own commands on a full-size random-weight model (see ``phi4_pron/bench/__init__.py``)."""
 
 from __future__ import annotations
 
@@ -46,6 +46,16 @@ COLUMNS = {
         "peak_gib",
     ],
     "check": ["label", "s_per_step", "losses"],
+    "floor": [
+        "label",
+        "epoch_s",
+        "s_per_micro_batch",
+        "micro_batches",
+        "tokens_per_sample",
+        "padding_share",
+        "tflops",
+        "peak_gib",
+    ],
 }
 # the tiny model on a CPU: every row's code path runs, nothing is measured
 TINY_BASE = ["experiment=smoke", "logger=none", "eval.every_epoch=false", "optim.effective_batch_size=64"]
@@ -131,8 +141,9 @@ def _out_of_memory(e: Exception) -> bool:
     return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
 
 
-def longest_answer_tokens(run_dir: Path) -> int:
-    """The longest reference answer of the eval split in tokens (+1 for <|end|>), as the trained run would give it."""
+def longest_answer_tokens(run_dir: Path) -> dict[str, int]:
+    """Per question, the longest reference answer of the eval split in tokens (+1 for <|end|>), as the trained run
+    would give it."""
     from phi4_pron.answer import questions_from_config
     from phi4_pron.data import load_split
     from phi4_pron.modeling import load_tokenizer_and_features
@@ -141,20 +152,34 @@ def longest_answer_tokens(run_dir: Path) -> int:
     tokenizer, _ = load_tokenizer_and_features(str(run_dir / "final_model"))
     questions = questions_from_config(OmegaConf.create(trained["task"]))
     rows = load_split(trained["data"]["path"], trained["data"]["eval_split"]).remove_columns("audio").to_list()
-    return 1 + max(
-        len(tokenizer(q.target(r), add_special_tokens=False)["input_ids"]) for q in questions.values() for r in rows
-    )
+    return {
+        name: 1 + max(len(tokenizer(q.target(r), add_special_tokens=False)["input_ids"]) for r in rows)
+        for name, q in questions.items()
+    }
 
 
 def run_eval(spec, rows, base, after, root, tiny) -> list[dict[str, Any]]:
     trained = train_row([*base, *spec["train"], *after], 0, 1, fresh_dir(root / "runs" / "eval-model"))
     run_dir = Path(trained["run_dir"])
-    max_new = 8 if tiny else longest_answer_tokens(run_dir)
+    longest = longest_answer_tokens(run_dir)
+    if tiny:
+        longest = dict.fromkeys(longest, 8)
+    max_new = max(longest.values())
+    task = json.loads((run_dir / "training_config.json").read_text())["config"]["task"]["name"]
+    caps = [f"task.questions.{q}.max_new_tokens={n}" for q, n in longest.items()]
     out = []
     for i, row in rows:
-        overrides = [f"run_dir={run_dir}", *row["overrides"], *after, f"eval.max_new_tokens={max_new}"]
+        overrides = [
+            f"run_dir={run_dir}",
+            *row["overrides"],
+            *after,
+            f"task={task}",
+            *caps,
+            f"eval.max_new_tokens={max_new}",
+        ]
         result = eval_row(overrides, scale_to=stand_in.SPLIT_RECORDINGS)
-        out.append({**row, **result, "max_new_tokens": max_new, "row": i})
+        budgets = ", ".join(f"{q} {n}" for q, n in longest.items())
+        out.append({**row, **result, "max_new_tokens": budgets, "row": i})
         report(out[-1])
     return out
 
@@ -228,7 +253,11 @@ def main(argv: list[str] | None = None) -> None:
     after = TINY_AFTER if a.tiny else []
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     summary: dict[str, Any] = {}
-    if a.mode == "eval":
+    if a.mode == "floor":
+        from phi4_pron.bench.floor import run_floor
+
+        results = run_floor(spec, rows, base_overrides(a.root, a.tiny), after)
+    elif a.mode == "eval":
         results = run_eval(spec, rows, base_overrides(a.root, a.tiny), after, a.root, a.tiny)
         ratios(results, "test_split_s")
     elif a.mode == "memory":

@@ -1,0 +1,139 @@
+"""``bench floor``: the least time a training epoch can take on this GPU. The language model alone runs forward and
+backward over a sample of the epoch's own micro-batches (their widths and answer tokens as ``phi4_pron.train``
+makes them: length-grouped, padded to 8), its decoder layers compiled as training compiles them, the loss over the
+answer tokens only. Nothing else runs: no data loading, no Trainer, no optimizer step, no audio encoder. A training
+row of the same settings can only be slower; the gap between the two is what the framework costs.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from phi4_pron.bench.measure import _sync, compose, free_memory, peak_gib
+
+
+def epoch_shapes(cfg) -> list[tuple[int, int, list[tuple[int, int]]]]:
+    """Every micro-batch of an epoch of ``cfg`` as (batch, padded width, [(row length, answer tokens)]), in the
+    length-grouped order the Trainer's sampler gives (audio placeholders counted from the recordings' durations)."""
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    from phi4_pron.answer import questions_from_config
+    from phi4_pron.collator import PronunciationCollator
+    from phi4_pron.data import expand_questions, load_split, with_lengths
+    from phi4_pron.modeling import load_tokenizer_and_features, resolve_model_path
+
+    path = resolve_model_path(cfg.model)
+    tokenizer, fe = load_tokenizer_and_features(path, None if Path(path).is_dir() else cfg.model.revision)
+    questions = questions_from_config(cfg.task)
+    collator = PronunciationCollator(tokenizer, fe, questions)
+    prompt_only = PronunciationCollator(tokenizer, fe, questions, with_answer=False)
+    ds = with_lengths(expand_questions(load_split(cfg.data.path, cfg.data.train_split), list(questions)))
+    rows = ds.remove_columns("audio").to_list()
+    full = [collator.num_tokens(r, r["seconds"]) for r in rows]
+    answer = [n - prompt_only.num_tokens(r, r["seconds"]) for n, r in zip(full, rows, strict=True)]
+    batch = cfg.hardware.per_device_train_batch_size
+    accumulation = cfg.optim.effective_batch_size // batch
+    torch.manual_seed(cfg.seed)
+    order = list(LengthGroupedSampler(batch * accumulation, lengths=full))
+    out = []
+    for i in range(0, len(order), batch):
+        idx = order[i : i + batch]
+        out.append((len(idx), collator.padded_length(max(full[j] for j in idx)), [(full[j], answer[j]) for j in idx]))
+    return out
+
+
+def _sample(shapes: list, n: int) -> list:
+    """``n`` micro-batches spread evenly over the epoch's widths (their mean time stands for the epoch's)."""
+    by_width = sorted(shapes, key=lambda s: s[1])
+    return [by_width[int((k + 0.5) * len(by_width) / n)] for k in range(min(n, len(by_width)))]
+
+
+def _step(model, shape, vocab: int) -> None:
+    """One micro-batch forward and backward: random token embeddings in, the loss over each row's answer tokens."""
+    batch, width, rows = shape
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    weight = lm.lm_head.weight
+    embeds = torch.randn(batch, width, lm.config.hidden_size, device=weight.device, dtype=weight.dtype)
+    embeds.requires_grad_()  # as compile_layers' enable_input_require_grads: gradients reach the first layer
+    hidden = lm.model(inputs_embeds=embeds, use_cache=False).last_hidden_state
+    positions = torch.cat([torch.arange(n - a - 1, n - 1) + i * width for i, (n, a) in enumerate(rows)])
+    logits = lm.lm_head(hidden.reshape(-1, hidden.shape[-1])[positions.to(weight.device)]).float()
+    targets = torch.randint(0, vocab, (len(positions),), device=weight.device)
+    torch.nn.functional.cross_entropy(logits, targets).backward()
+
+
+def floor_row(model, shapes: list, sample: int, warmup: int, lm_params: int, bf16: bool) -> dict[str, Any]:
+    """Time ``sample`` micro-batches of the epoch (after ``warmup`` ones that compile); the epoch's estimate. With
+    ``bf16`` under autocast, as the Trainer runs (PEFT keeps LoRA weights in float32; autocast multiplies in bf16)."""
+    vocab = model.config.vocab_size
+    timed = _sample(shapes, sample)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+        for shape in timed[:: max(1, len(timed) // warmup)][:warmup]:
+            _step(model, shape, vocab)
+        _sync()
+        free_memory()
+        start = time.perf_counter()
+        for shape in timed:
+            _step(model, shape, vocab)
+        _sync()
+    per_batch = (time.perf_counter() - start) / len(timed)
+    tokens = sum(n for _, _, rows in shapes for n, _ in rows)
+    epoch_s = per_batch * len(shapes)
+    return {
+        "epoch_s": epoch_s,
+        "s_per_micro_batch": per_batch,
+        "micro_batches": len(shapes),
+        "tokens_per_sample": tokens / sum(b for b, _, _ in shapes),
+        "padding_share": 1 - tokens / sum(b * w for b, w, _ in shapes),
+        "tflops": 4 * lm_params * tokens / epoch_s / 1e12,
+        "peak_gib": peak_gib(),
+    }
+
+
+def run_floor(spec: dict, rows: list, base: list[str], after: list[str]) -> list[dict[str, Any]]:
+    """The rows of ``conf/bench/floor.yaml``: the frozen LM, then each LoRA on it (fresh, the config's r, alpha,
+    dropout and targets), on the micro-batches of ``spec['train']``'s epoch; compiled on a GPU."""
+    from peft import LoraConfig, get_peft_model
+
+    from phi4_pron.bench.measure import command
+    from phi4_pron.modeling import load_base_model, resolve_model_path
+
+    cfg = compose("train", [*base, *spec["train"], *after])
+    shapes = epoch_shapes(cfg)
+    gpu = torch.cuda.is_available()
+    dtype = torch.bfloat16 if cfg.hardware.bf16 else torch.float32
+    path = resolve_model_path(cfg.model)
+    revision = None if Path(path).is_dir() else cfg.model.revision
+    model = load_base_model(path, revision, dtype, "sdpa").to("cuda" if gpu else "cpu")
+    model.requires_grad_(False).train()
+    lm_params = sum(p.numel() for n, p in model.named_parameters() if ".layers." in n and "audio" not in n)
+    lm_params += model.get_output_embeddings().weight.numel()
+    if gpu:
+        for layer in model.model.layers:  # as compile_layers: one dynamic-shape graph for every layer
+            layer.compile(dynamic=True)
+    out = []
+    for i, row in rows:
+        overrides = [*base, *spec["train"], *([f"lora={row['lora']}"] if "lora" in row else []), *after]
+        net = model
+        if "lora" in row:
+            lora = compose("train", overrides).lora
+            dropout = row.get("dropout", lora.dropout)
+            peft_cfg = LoraConfig(
+                r=lora.r, lora_alpha=lora.alpha, lora_dropout=dropout, target_modules=lora.target_modules
+            )
+            net = get_peft_model(model, peft_cfg).train()
+        torch._dynamo.reset()  # each row compiles its own layers
+        result = floor_row(net, shapes, spec["sample"], spec["warmup"], lm_params, cfg.hardware.bf16)
+        if net is not model:
+            net.unload()  # the LoRA layers out again: the next row starts from the frozen LM
+        out.append({**row, **result, "row": i, "command": "floor of: " + command("train", overrides)})
+        print(out[-1], flush=True)
+    del model
+    free_memory()
+    return [r if math.isfinite(r["epoch_s"]) else {**r, "epoch_s": None} for r in out]
