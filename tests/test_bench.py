@@ -35,14 +35,16 @@ def test_fast_path_trains_the_same_model_and_rows_reproduce(tmp_path):
 
 
 def test_floor_times_the_epoch_that_training_runs(tmp_path):
-    """``bench floor`` takes its micro-batches from the same epoch a training row runs: as many, of the same tokens."""
+    """``bench floor`` takes its micro-batches from the same epoch a training row runs: as many, of the same tokens
+    (the Unfreeze row, which also runs the audio encoder, at that preset's batch of 8)."""
     root, out = str(tmp_path / "bench"), tmp_path / "out"
-    run_cli(["-m", "phi4_pron.bench", "floor", "--tiny", "--only", "0", "1", "--root", root, "--out", str(out)])
+    run_cli(["-m", "phi4_pron.bench", "floor", "--tiny", "--only", "0", "1", "5", "--root", root, "--out", str(out)])
     run_cli(["-m", "phi4_pron.bench", "train", "--tiny", "--only", "1", "--root", root, "--out", str(out)])
-    frozen, lora = json.loads((out / "floor.json").read_text())["rows"]
+    frozen, lora, unfreeze = json.loads((out / "floor.json").read_text())["rows"]
     (train,) = json.loads((out / "train.json").read_text())["rows"]
-    for row in (frozen, lora):
-        assert row["micro_batches"] == train["samples_per_epoch"] // 16  # the h100 preset's batch
+    assert unfreeze["audio"] and unfreeze["micro_batches"] == train["samples_per_epoch"] // 8
+    for row in (frozen, lora, unfreeze):
+        assert row["micro_batches"] * (8 if row is unfreeze else 16) == train["samples_per_epoch"]
         assert row["tokens_per_sample"] == pytest.approx(train["tokens_per_sample"], abs=0.05)
         assert 0 <= row["padding_share"] < 0.2 and row["epoch_s"] > 0
     assert lora["lora"] == "r64" and "lora=r64" in lora["command"]

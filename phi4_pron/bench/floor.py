@@ -17,14 +17,15 @@ import torch
 from phi4_pron.bench.measure import _sync, compose, free_memory, peak_gib
 
 
-def epoch_shapes(cfg) -> list[tuple[int, int, list[tuple[int, int]]]]:
-    """Every micro-batch of an epoch of ``cfg`` as (batch, padded width, [(row length, answer tokens)]), in the
-    length-grouped order the Trainer's sampler gives (audio placeholders counted from the recordings' durations)."""
+def epoch_shapes(cfg) -> list[tuple[int, int, list[tuple[int, int, int, int]]]]:
+    """Every micro-batch of an epoch of ``cfg`` as (batch, padded width, [(row length, answer tokens, audio feature
+    frames, audio embeddings)]), in the length-grouped order the Trainer's sampler gives (audio counted from the
+    recordings' durations, as the feature extractor counts it)."""
     from transformers.trainer_pt_utils import LengthGroupedSampler
 
     from phi4_pron.answer import questions_from_config
     from phi4_pron.collator import PronunciationCollator
-    from phi4_pron.data import expand_questions, load_split, with_lengths
+    from phi4_pron.data import SAMPLING_RATE, expand_questions, load_split, with_lengths
     from phi4_pron.modeling import load_tokenizer_and_features, resolve_model_path
 
     path = resolve_model_path(cfg.model)
@@ -36,6 +37,8 @@ def epoch_shapes(cfg) -> list[tuple[int, int, list[tuple[int, int]]]]:
     rows = ds.remove_columns("audio").to_list()
     full = [collator.num_tokens(r, r["seconds"]) for r in rows]
     answer = [n - prompt_only.num_tokens(r, r["seconds"]) for n, r in zip(full, rows, strict=True)]
+    frames = [(round(r["seconds"] * SAMPLING_RATE) - fe.win_length) // fe.hop_length + 1 for r in rows]
+    n_audio = [-(-f * fe.audio_feat_stride // (fe.audio_compression_rate * fe.audio_downsample_rate)) for f in frames]
     batch = cfg.hardware.per_device_train_batch_size
     accumulation = cfg.optim.effective_batch_size // batch
     torch.manual_seed(cfg.seed)
@@ -43,7 +46,8 @@ def epoch_shapes(cfg) -> list[tuple[int, int, list[tuple[int, int]]]]:
     out = []
     for i in range(0, len(order), batch):
         idx = order[i : i + batch]
-        out.append((len(idx), collator.padded_length(max(full[j] for j in idx)), [(full[j], answer[j]) for j in idx]))
+        width = collator.padded_length(max(full[j] for j in idx))
+        out.append((len(idx), width, [(full[j], answer[j], frames[j], n_audio[j]) for j in idx]))
     return out
 
 
@@ -53,21 +57,33 @@ def _sample(shapes: list, n: int) -> list:
     return [by_width[int((k + 0.5) * len(by_width) / n)] for k in range(min(n, len(by_width)))]
 
 
-def _step(model, shape, vocab: int) -> None:
-    """One micro-batch forward and backward: random token embeddings in, the loss over each row's answer tokens."""
+def _step(model, shape, vocab: int, audio: bool = False) -> None:
+    """One micro-batch forward and backward: random token embeddings in (``audio``: random log-mel features through
+    the audio encoder and projector into each row's audio positions), the loss over each row's answer tokens."""
     batch, width, rows = shape
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     weight = lm.lm_head.weight
     embeds = torch.randn(batch, width, lm.config.hidden_size, device=weight.device, dtype=weight.dtype)
     embeds.requires_grad_()  # as compile_layers' enable_input_require_grads: gradients reach the first layer
+    if audio:
+        frames = torch.tensor([f for _, _, f, _ in rows])
+        features = torch.randn(batch, int(frames.max()), lm.config.audio_config.input_size, device=weight.device)
+        mask = (torch.arange(int(frames.max()))[None, :] < frames[:, None]).to(weight.device)
+        ids = torch.zeros(batch, width, dtype=torch.long)
+        for i, (*_, n_audio) in enumerate(rows):
+            ids[i, 3 : 3 + n_audio] = lm.config.audio_config.audio_token_id  # after <|user|><|APA|>, as prompts
+        sizes = torch.tensor([n for *_, n in rows], device=weight.device)
+        embeds = lm.model.embed_tokens_extend.audio_embed(ids.to(weight.device), embeds, features, sizes, mask)
     hidden = lm.model(inputs_embeds=embeds, use_cache=False).last_hidden_state
-    positions = torch.cat([torch.arange(n - a - 1, n - 1) + i * width for i, (n, a) in enumerate(rows)])
+    positions = torch.cat([torch.arange(n - a - 1, n - 1) + i * width for i, (n, a, *_) in enumerate(rows)])
     logits = lm.lm_head(hidden.reshape(-1, hidden.shape[-1])[positions.to(weight.device)]).float()
     targets = torch.randint(0, vocab, (len(positions),), device=weight.device)
     torch.nn.functional.cross_entropy(logits, targets).backward()
 
 
-def floor_row(model, shapes: list, sample: int, warmup: int, lm_params: int, bf16: bool) -> dict[str, Any]:
+def floor_row(
+    model, shapes: list, sample: int, warmup: int, lm_params: int, bf16: bool, audio: bool = False
+) -> dict[str, Any]:
     """Time ``sample`` micro-batches of the epoch (after ``warmup`` ones that compile); the epoch's estimate. With
     ``bf16`` under autocast, as the Trainer runs (PEFT keeps LoRA weights in float32; autocast multiplies in bf16)."""
     vocab = model.config.vocab_size
@@ -75,15 +91,15 @@ def floor_row(model, shapes: list, sample: int, warmup: int, lm_params: int, bf1
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
         for shape in timed[:: max(1, len(timed) // warmup)][:warmup]:
-            _step(model, shape, vocab)
+            _step(model, shape, vocab, audio)
         _sync()
         free_memory()
         start = time.perf_counter()
         for shape in timed:
-            _step(model, shape, vocab)
+            _step(model, shape, vocab, audio)
         _sync()
     per_batch = (time.perf_counter() - start) / len(timed)
-    tokens = sum(n for _, _, rows in shapes for n, _ in rows)
+    tokens = sum(row[0] for _, _, rows in shapes for row in rows)
     epoch_s = per_batch * len(shapes)
     return {
         "epoch_s": epoch_s,
@@ -98,14 +114,14 @@ def floor_row(model, shapes: list, sample: int, warmup: int, lm_params: int, bf1
 
 def run_floor(spec: dict, rows: list, base: list[str], after: list[str]) -> list[dict[str, Any]]:
     """The rows of ``conf/bench/floor.yaml``: the frozen LM, then each LoRA on it (fresh, the config's r, alpha,
-    dropout and targets), on the micro-batches of ``spec['train']``'s epoch; compiled on a GPU."""
+    dropout and targets), on the micro-batches of the epoch of ``spec['train']`` + the row's ``extra`` overrides;
+    ``audio`` rows also train the audio encoder and projector (Unfreeze). Compiled on a GPU."""
     from peft import LoraConfig, get_peft_model
 
     from phi4_pron.bench.measure import command
-    from phi4_pron.modeling import load_base_model, resolve_model_path
+    from phi4_pron.modeling import AUDIO_MODULES, load_base_model, resolve_model_path
 
     cfg = compose("train", [*base, *spec["train"], *after])
-    shapes = epoch_shapes(cfg)
     gpu = torch.cuda.is_available()
     dtype = torch.bfloat16 if cfg.hardware.bf16 else torch.float32
     path = resolve_model_path(cfg.model)
@@ -114,24 +130,37 @@ def run_floor(spec: dict, rows: list, base: list[str], after: list[str]) -> list
     model.requires_grad_(False).train()
     lm_params = sum(p.numel() for n, p in model.named_parameters() if ".layers." in n and "audio" not in n)
     lm_params += model.get_output_embeddings().weight.numel()
+    audio_layers = list(model.model.embed_tokens_extend.audio_embed.encoder.encoders)
     if gpu:
-        for layer in model.model.layers:  # as compile_layers: one dynamic-shape graph for every layer
+        for layer in [*model.model.layers, *audio_layers]:  # as compile_layers: dynamic-shape graphs
             layer.compile(dynamic=True)
+    shapes: dict[tuple, list] = {}
     out = []
     for i, row in rows:
-        overrides = [*base, *spec["train"], *([f"lora={row['lora']}"] if "lora" in row else []), *after]
+        lora_override = [f"lora={row['lora']}"] if "lora" in row else []
+        overrides = [*base, *spec["train"], *lora_override, *row.get("extra", []), *after]
+        row_cfg = compose("train", overrides)
+        key = (row_cfg.hardware.per_device_train_batch_size, row_cfg.optim.effective_batch_size)
+        if key not in shapes:
+            shapes[key] = epoch_shapes(row_cfg)
+        audio = bool(row.get("audio"))
+        for n, p in model.named_parameters():
+            p.requires_grad_(audio and any(m in n for m in AUDIO_MODULES))
         net = model
         if "lora" in row:
-            lora = compose("train", overrides).lora
-            dropout = row.get("dropout", lora.dropout)
+            lora = row_cfg.lora
             peft_cfg = LoraConfig(
-                r=lora.r, lora_alpha=lora.alpha, lora_dropout=dropout, target_modules=lora.target_modules
+                r=lora.r,
+                lora_alpha=lora.alpha,
+                lora_dropout=row.get("dropout", lora.dropout),
+                target_modules=lora.target_modules,
             )
             net = get_peft_model(model, peft_cfg).train()
         torch._dynamo.reset()  # each row compiles its own layers
-        result = floor_row(net, shapes, spec["sample"], spec["warmup"], lm_params, cfg.hardware.bf16)
+        result = floor_row(net, shapes[key], spec["sample"], spec["warmup"], lm_params, cfg.hardware.bf16, audio)
         if net is not model:
             net.unload()  # the LoRA layers out again: the next row starts from the frozen LM
+        model.zero_grad(set_to_none=True)
         out.append({**row, **result, "row": i, "command": "floor of: " + command("train", overrides)})
         print(out[-1], flush=True)
     del model
