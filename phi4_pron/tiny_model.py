@@ -31,7 +31,7 @@ from phi4_pron.config import LORA_TARGET_MODULES
 from phi4_pron.results import atomic_folder
 
 # Bump when the builder changes: the cache folder name carries it, so a stale build is never reused.
-TINY_MODEL_VERSION = "v4"
+TINY_MODEL_VERSION = "v5"
 
 BOS_EOS = "<|endoftext|>"
 IMAGE_TOKEN, AUDIO_TOKEN = "<|endoftext10|>", "<|endoftext11|>"
@@ -40,10 +40,22 @@ SPECIAL_TOKENS = [BOS_EOS, IMAGE_TOKEN, AUDIO_TOKEN, "<|assistant|>", "<|end|>",
 
 
 def _training_text(corpus_dir: Path | None) -> list[str]:
-    """Text the tiny BPE is trained on: the tasks' instructions (``conf/task/``), the answer formats' keys and the
-    corpus's words and phones, so that prompts take about as many tokens as the real tokenizer gives them."""
+    """Text the tiny BPE is trained on: the tasks' questions (``conf/task/``: control text, instruction, JSON keys;
+    not the files' comments or other settings, so editing those never changes the tokenizer), the answer formats'
+    keys and the corpus's words and phones, so that prompts take about as many tokens as the real tokenizer gives
+    them."""
+    from omegaconf import OmegaConf
+
     tasks = Path(__file__).resolve().parent.parent / "conf" / "task"
-    lines = [line for f in sorted(tasks.glob("*.yaml")) for line in f.read_text().splitlines()]
+    lines = []
+    for f in sorted(tasks.glob("*.yaml")):
+        for q in OmegaConf.to_container(OmegaConf.load(f))["questions"].values():
+            lines += [
+                q.get("control") or "",
+                *q["instruction"].splitlines(),
+                *q["fields"],
+                *(q.get("keys") or {}).values(),
+            ]
     lines += [
         '{"accuracy": 8, "fluency": 9, "prosodic": 7, "total": 8}',
         '{"word_transcript": "", "phoneme_transcript": ""}',
