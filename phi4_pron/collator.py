@@ -90,14 +90,17 @@ class PronunciationCollator:
         """A batch's width for its longest sequence of ``n`` tokens."""
         return -(-n // self.pad_to_multiple_of) * self.pad_to_multiple_of
 
-    def num_tokens(self, row: dict[str, Any], seconds: float) -> int:
-        """The length of the row's sequence (audio embeddings + prompt [+ answer]) from the recording's duration,
-        without decoding it: the key for length-grouped batches."""
+    def audio_sizes(self, seconds: float) -> tuple[int, int]:
+        """(log-mel frames, audio embeddings) of a recording of ``seconds``, as the feature extractor counts them."""
         fe = self.feature_extractor
         frames = (round(seconds * SAMPLING_RATE) - fe.win_length) // fe.hop_length + 1
         per_embedding = fe.audio_compression_rate * fe.audio_downsample_rate  # frames per audio embedding
-        n_audio = -(-frames * fe.audio_feat_stride // per_embedding)  # rounded up, as the extractor does
-        return sum(map(len, self._sequence(row, n_audio)))
+        return frames, -(-frames * fe.audio_feat_stride // per_embedding)  # rounded up, as the extractor does
+
+    def num_tokens(self, row: dict[str, Any], seconds: float) -> int:
+        """The length of the row's sequence (audio embeddings + prompt [+ answer]) from the recording's duration,
+        without decoding it: the key for length-grouped batches."""
+        return sum(map(len, self._sequence(row, self.audio_sizes(seconds)[1])))
 
     def _audio_features(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """Log-mel features of each recording alone, zero-padded to the longest, with their mask (batches of 2+).

@@ -208,19 +208,21 @@ def _wav_seconds(audio: Any) -> float | None:
     import io
     import wave
 
-    source = audio if isinstance(audio, (str, Path)) else audio.get("bytes") or audio.get("path")
-    if isinstance(source, bytes):
-        source = io.BytesIO(source) if source[:4] == b"RIFF" else None
-    elif source is None or not str(source).lower().endswith(".wav"):
-        source = None
-    if source is None:
+    data, path = (None, str(audio)) if isinstance(audio, (str, Path)) else (audio.get("bytes"), audio.get("path"))
+    if data:  # embedded bytes come first, as for decoding
+        if data[:4] != b"RIFF":
+            return None
+        source, size = io.BytesIO(data), len(data)
+    elif path and str(path).lower().endswith(".wav"):
+        source, size = str(path), None
+    else:
         return None
     try:
-        size = len(source.getbuffer()) if isinstance(source, io.BytesIO) else Path(source).stat().st_size
-        with wave.open(source if isinstance(source, io.BytesIO) else str(source)) as w:
-            data = w.getnframes() * w.getsampwidth() * w.getnchannels()
+        size = size if size is not None else Path(source).stat().st_size
+        with wave.open(source) as w:
+            frames = w.getnframes()
             # a streamed WAV's header may give no size (0) or a wrong one: left to FFmpeg
-            return w.getnframes() / w.getframerate() if 0 < data <= size else None
+            return frames / w.getframerate() if 0 < frames * w.getsampwidth() * w.getnchannels() <= size else None
     except (wave.Error, EOFError, OSError, ZeroDivisionError):
         return None  # not plain PCM, or broken: FFmpeg reads it, or names the problem
 
@@ -308,12 +310,15 @@ def checked(ds: Dataset, min_seconds: float, max_seconds: float, skip: bool) -> 
     return ds.add_column("seconds", seconds), problems
 
 
-def with_lengths(ds: Dataset, num_tokens: Callable[[dict, float], int] | None = None) -> Dataset:
+def with_lengths(
+    ds: Dataset, num_tokens: Callable[[dict, float], int] | None = None, unreadable_seconds: float | None = None
+) -> Dataset:
     """Check every recording of a split (a broken file stops the run before any model loads) and add its duration
     (``seconds``) and a ``length`` column for length-grouped batching: ``num_tokens(row, seconds)`` (the model's
     sequence length, ``PronunciationCollator.num_tokens``), or without it the duration in centiseconds. A recording
     asked several questions (``expand_questions``: several rows with its id) is opened once; a ``seconds`` column
-    (:func:`checked`) is used as it is."""
+    (:func:`checked`) is used as it is. With ``unreadable_seconds`` a recording whose header cannot be read counts
+    that long instead of stopping the run (evaluation: its batch fails later and is counted)."""
     if "seconds" in ds.column_names:
         durations = list(ds["seconds"])
         ds = ds.remove_columns("seconds")
@@ -321,7 +326,12 @@ def with_lengths(ds: Dataset, num_tokens: Callable[[dict, float], int] | None = 
         seconds: dict[str, float] = {}
         for utt, audio in zip(ds["id"], ds["audio"], strict=True):
             if utt not in seconds:
-                seconds[utt] = check_audio_file(audio, utt)
+                try:
+                    seconds[utt] = check_audio_file(audio, utt)
+                except DataError:
+                    if unreadable_seconds is None:
+                        raise
+                    seconds[utt] = unreadable_seconds
         durations = [seconds[u] for u in ds["id"]]
     if num_tokens is None:
         lengths = [round(100 * d) for d in durations]

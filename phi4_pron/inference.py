@@ -139,14 +139,13 @@ def generate_from_batch(
     model,
     tokenizer,
     batch: dict[str, torch.Tensor],
-    max_new_tokens: int = 256,
+    budgets: Sequence[int],
     cache_len: int | None = None,
-    row_budgets: Sequence[int] | None = None,
 ) -> list[str]:
-    """Greedy answers for one collated batch (from :func:`generation_collator`), prompt stripped; ``row_budgets``
-    cuts each row's answer at its own number of tokens (its question's cap), whatever its batch mates need.
+    """Greedy answers for one collated batch (from :func:`generation_collator`), prompt stripped, each row's cut at
+    its own number of new tokens (``budgets``: its question's cap), whatever its batch mates need.
 
-    ``cache_len``: a static cache of that many positions (at least the prompt + ``max_new_tokens``), with which
+    ``cache_len``: a static cache of that many positions (at least the prompt + the largest budget), with which
     transformers compiles the decoding step on a GPU (Inductor + CUDA graphs, transformers' default
     ``CompileConfig``); batches of one size and cache length reuse that compile. On a CPU it runs eagerly.
     """
@@ -155,7 +154,7 @@ def generate_from_batch(
     extra = {"cache_implementation": "static", "max_cache_len": cache_len} if cache_len else {}
     out = model.generate(
         **batch,
-        max_new_tokens=max_new_tokens,
+        max_new_tokens=max(budgets),
         do_sample=False,
         eos_token_id=[tokenizer.convert_tokens_to_ids(END), tokenizer.eos_token_id],
         pad_token_id=pad_token_id(tokenizer),
@@ -168,9 +167,7 @@ def generate_from_batch(
         **extra,
     )
     answers = out[:, batch["input_ids"].shape[1] :]
-    if row_budgets is None:
-        return tokenizer.batch_decode(answers, skip_special_tokens=True)
-    return [tokenizer.decode(a[:n], skip_special_tokens=True) for a, n in zip(answers, row_budgets, strict=True)]
+    return [tokenizer.decode(a[:n], skip_special_tokens=True) for a, n in zip(answers, budgets, strict=True)]
 
 
 def generate_answers(
@@ -185,4 +182,4 @@ def generate_answers(
     ``question``), prompt stripped; at most ``max_new_tokens``, or the rows' questions' own cap where smaller."""
     collator = generation_collator(tokenizer, feature_extractor, questions)
     budgets = [collator.question(r).answer_budget(max_new_tokens) for r in rows]
-    return generate_from_batch(model, tokenizer, collator(rows), max(budgets), row_budgets=budgets)
+    return generate_from_batch(model, tokenizer, collator(rows), budgets)

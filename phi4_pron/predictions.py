@@ -28,8 +28,7 @@ from phi4_pron.answer import (
     mispronounced_flags,
     pronounced_phones,
 )
-from phi4_pron.collator import QUESTION
-from phi4_pron.data import DataError, check_audio_file, expand_questions
+from phi4_pron.data import expand_questions, with_lengths
 from phi4_pron.inference import (
     forget_static_cache_length,
     generate_answers,
@@ -112,7 +111,9 @@ def generate_records(
     n = len(dataset)
     prompts = expand_questions(dataset, names)  # prompt j asks question names[j // n] about recording j % n
     collator = generation_collator(tokenizer, feature_extractor, questions)
-    length = prompt_lengths(dataset, names, collator)
+    # token counts with the audio placeholders from each recording's header (an unreadable one counts none: its
+    # batch fails and is retried prompt by prompt, where it is recorded as failed)
+    length = with_lengths(prompts, collator.num_tokens, unreadable_seconds=0.0)["length"]
     budget = [questions[names[j // n]].answer_budget(max_new_tokens) for j in range(len(prompts))]
     groups = []  # per question: its batches and the cache length they need
     for k in range(len(names)):
@@ -143,9 +144,8 @@ def generate_records(
         try:
             if isinstance(batch, Exception):
                 raise batch
-            budgets = [budget[j] for j in indices]
             out: list[str | Exception] = generate_from_batch(
-                model, tokenizer, batch, max(budgets), cache_len, row_budgets=budgets
+                model, tokenizer, batch, [budget[j] for j in indices], cache_len
             )
         except Exception:  # find the culprit(s): retry one by one, reading the rows (audio too) again
             out = []
@@ -162,20 +162,6 @@ def generate_records(
         bar.update(len(set(indices)))
     bar.close()
     return [_record(meta[i], {q: answers[k * n + i] for k, q in enumerate(names)}, questions) for i in range(n)]
-
-
-def prompt_lengths(dataset, names: list[str], collator) -> list[int]:
-    """The token count of each prompt of ``expand_questions(dataset, names)``, the audio placeholders counted from
-    the recording's header (an unreadable one counts none: its batch fails and is retried prompt by prompt, where
-    it is recorded as failed)."""
-    seconds = []
-    for utt, audio in zip(dataset["id"], dataset["audio"], strict=True):
-        try:
-            seconds.append(check_audio_file(audio, utt))
-        except DataError:
-            seconds.append(0.0)
-    rows = dataset.remove_columns("audio").to_list()
-    return [collator.num_tokens({**r, QUESTION: q}, d) for q in names for r, d in zip(rows, seconds, strict=True)]
 
 
 def _record(row: dict[str, Any], answers: dict[str, str | Exception], questions: dict[str, Question]) -> dict:

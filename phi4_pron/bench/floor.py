@@ -25,7 +25,7 @@ def epoch_shapes(cfg) -> list[tuple[int, int, list[tuple[int, int, int, int]]]]:
 
     from phi4_pron.answer import questions_from_config
     from phi4_pron.collator import PronunciationCollator
-    from phi4_pron.data import SAMPLING_RATE, expand_questions, load_split, with_lengths
+    from phi4_pron.data import expand_questions, load_split, with_lengths
     from phi4_pron.modeling import load_tokenizer_and_features, resolve_model_path
 
     path = resolve_model_path(cfg.model)
@@ -37,8 +37,7 @@ def epoch_shapes(cfg) -> list[tuple[int, int, list[tuple[int, int, int, int]]]]:
     rows = ds.remove_columns("audio").to_list()
     full = [collator.num_tokens(r, r["seconds"]) for r in rows]
     answer = [n - prompt_only.num_tokens(r, r["seconds"]) for n, r in zip(full, rows, strict=True)]
-    frames = [(round(r["seconds"] * SAMPLING_RATE) - fe.win_length) // fe.hop_length + 1 for r in rows]
-    n_audio = [-(-f * fe.audio_feat_stride // (fe.audio_compression_rate * fe.audio_downsample_rate)) for f in frames]
+    frames, n_audio = zip(*(collator.audio_sizes(r["seconds"]) for r in rows), strict=True)
     batch = cfg.hardware.per_device_train_batch_size
     accumulation = cfg.optim.effective_batch_size // batch
     torch.manual_seed(cfg.seed)
