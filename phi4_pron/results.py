@@ -54,10 +54,12 @@ def atomic_folder(out_dir: str | Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".", dir=out_dir.parent))
     try:
         yield tmp
-        if out_dir.exists():
+        try:
+            os.replace(tmp, out_dir)  # fails if another process's folder is there (not empty): keep theirs
+        except OSError:
+            if not out_dir.is_dir():
+                raise
             shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

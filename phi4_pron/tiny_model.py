@@ -200,6 +200,9 @@ def write_checkpoint(
         model.generation_config = GenerationConfig(
             bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id
         )
+        # every process that builds it writes it whole: under torchrun, transformers writes weights on rank 0 only,
+        # and another rank's folder without them could be the one that lands first
+        model.should_save_on_this_rank = lambda is_main_process: True
         model.save_pretrained(tmp, max_shard_size=max_shard_size)  # sharded with an index, as the real one
         tokenizer.save_pretrained(tmp)
         Phi4MultimodalFeatureExtractor().save_pretrained(tmp)

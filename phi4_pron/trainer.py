@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from accelerate.utils import DistributedDataParallelKwargs
 from trl import SFTTrainer
 
 from phi4_pron.audio_cache import AUDIO_ROWS, embed_from_table
@@ -20,6 +21,8 @@ class PronunciationTrainer(SFTTrainer):
       the same, and SDPA can take its flash kernel instead of the masked memory-efficient one.
     - With ``audio_table`` (``phi4_pron.audio_cache``), batches name the cached audio embeddings' rows instead of
       carrying features: the model gets token embeddings with those rows at the audio placeholders.
+    - Under DDP the gradients are views into DDP's all-reduce buckets (``gradient_as_bucket_view``): without it DDP
+      keeps a second copy of every trainable gradient, 2 GiB for Unfreeze's float32 audio encoder.
     Anything else (evaluation, label smoothing, custom losses) goes to TRL unchanged.
     """
 
@@ -27,6 +30,13 @@ class PronunciationTrainer(SFTTrainer):
         super().__init__(*args, **kwargs)
         self.audio_table = audio_table
         self._batch_sums: list[torch.Tensor] = []  # per batch: answer tokens, entropy sum, top-1 hits, input tokens
+
+    def _build_accelerator_args(self, **kwargs) -> dict:
+        args = super()._build_accelerator_args(**kwargs)
+        for handler in args.get("kwargs_handlers", []):
+            if isinstance(handler, DistributedDataParallelKwargs):
+                handler.gradient_as_bucket_view = True
+        return args
 
     def _plain_loss(self, return_outputs: bool) -> bool:
         return (

@@ -45,6 +45,7 @@ from phi4_pron.modeling import (
     load_base_model,
     load_tokenizer_and_features,
     resolve_model_path,
+    upcast_trained_copies,
     vision_lora_summary,
 )
 from phi4_pron.predictions import task_info
@@ -229,6 +230,7 @@ def load_model(cfg: DictConfig, device: torch.device | str = "cpu") -> tuple[Any
     audio_token_id(tokenizer, model.config)
     extra = list(AUDIO_MODULES) if cfg.train_audio_encoder else None  # PEFT trains and saves copies of these
     model, n_loaded = attach_speech_lora(model, cfg.lora, model_path, revision, modules_to_save=extra)
+    upcast_trained_copies(model)  # the audio encoder's copies train in float32 (Unfreeze)
     return model.to(device), tokenizer, feature_extractor, model_path, n_loaded
 
 

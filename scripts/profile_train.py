@@ -1,7 +1,11 @@
 """Where a training command's steps spend their time: ``python -m phi4_pron.train <overrides>`` run in this process
-with torch's profiler over optimizer steps 4-5 (after the compile), its tables printed (GPU time, then CPU time).
+over optimizer steps 4-5 (after the compile) with torch's profiler (its tables printed: GPU time, then CPU time), or
+over steps 4 to 3+N with ``--sample`` (the main thread's Python stack every 2 ms, stack_sampler.py: no per-op
+overhead) or ``--time`` (only the wall and CPU seconds of those steps). ``--skip-guards``: a trial, from step 4 on
+only the guards that tell the compiled graphs apart are checked (``torch.compiler.set_stance(skip_guard_eval_unsafe=
+True)``).
 
-    python scripts/profile_train.py <train overrides ...>      # e.g. the Unfreeze row's command from train.md
+    python scripts/profile_train.py [--sample | --time] [--steps=N] [--skip-guards] <overrides of a train.md row>
 """
 
 import sys
@@ -9,10 +13,11 @@ import tempfile
 from pathlib import Path
 
 import torch
+from stack_sampler import StackSampler
 from torch.profiler import ProfilerActivity, profile
 from transformers import TrainerCallback
 
-from phi4_pron.bench.measure import compose
+from phi4_pron.bench.measure import _sync, compose
 from phi4_pron.training import run_training
 
 
@@ -33,6 +38,30 @@ class Profile(TrainerCallback):
             print(table.table(sort_by="cpu_time_total", row_limit=20, max_name_column_width=70))
 
 
+class Sample(TrainerCallback):
+    """A :class:`StackSampler` from the end of step ``first`` to the end of step ``first + steps``."""
+
+    def __init__(self, first: int = 3, steps: int = 5, interval: float | None = 0.002, skip_guards: bool = False):
+        self.first, self.last, self.skip_guards = first, first + steps, skip_guards
+        self.sampler = StackSampler(interval)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.first:
+            if self.skip_guards:
+                torch.compiler.set_stance("default", skip_guard_eval_unsafe=True).__enter__()
+            _sync()
+            self.sampler.start()
+        elif state.global_step == self.last:
+            _sync()
+            self.sampler.report(f"{self.last - self.first} steps")
+
+
+flags = {a for a in sys.argv[1:] if a.startswith("--")}
+overrides = [a for a in sys.argv[1:] if not a.startswith("--")]
+steps = next((int(f.split("=")[1]) for f in flags if f.startswith("--steps=")), 5)
 callback = Profile()
-cfg = compose("train", [*sys.argv[1:], f"optim.max_steps={callback.last}"])
+if flags & {"--sample", "--time"}:
+    interval = 0.002 if "--sample" in flags else None
+    callback = Sample(steps=steps, interval=interval, skip_guards="--skip-guards" in flags)
+cfg = compose("train", [*overrides, f"optim.max_steps={callback.last}"])
 run_training(cfg, run_dir=Path(tempfile.mkdtemp()) / "run", callbacks=[callback])

@@ -69,6 +69,7 @@ def test_gradient_accumulation_is_derived_from_the_effective_batch():
     assert gradient_accumulation(compose(["hardware=h100", "train_audio_encoder=true"]), world_size=1) == 8  # 64 / 8
     assert gradient_accumulation(compose(["hardware=a6000"]), world_size=1) == 8  # 64 / 8
     assert gradient_accumulation(compose(["hardware=2x4090"]), world_size=2) == 8
+    assert gradient_accumulation(compose(["hardware=2x4090", "train_audio_encoder=true"]), world_size=2) == 16  # 64/4
     with pytest.raises(ValueError, match="effective_batch_size"):
         gradient_accumulation(compose(["optim.effective_batch_size=12"]), world_size=1)
 

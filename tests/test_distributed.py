@@ -8,6 +8,7 @@ from conftest import compose, run_cli
 
 
 def test_two_process_ddp_writes_one_run_folder(tmp_path):
+    """Two processes from a fresh cache: both build the tiny checkpoint (one folder lands whole), then train."""
     run_cli(
         [
             "-m",
@@ -18,6 +19,7 @@ def test_two_process_ddp_writes_one_run_folder(tmp_path):
             "phi4_pron.train",
             "experiment=smoke",
             f"output_root={tmp_path}",
+            f"cache_dir={tmp_path / 'cache'}",
             "hardware.per_device_train_batch_size=2",
             "optim.epochs=2",
             "eval.limit=2",

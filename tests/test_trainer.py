@@ -211,3 +211,29 @@ def test_collator_asks_for_the_audio_span_column(tiny_processing, mini_train):
 
     with pytest.raises(ValueError, match="audio_span.*cache_audio_embeddings"):
         PronunciationCollator(*tiny_processing, task_questions("joint"), audio_from_table=True)([mini_train[0]])
+
+
+def test_unfreeze_trains_the_audio_encoder_in_float32_when_the_model_is_bf16(tiny_model_dir):
+    """A bf16 model (the real checkpoint's dtype): PEFT keeps modules_to_save copies in bf16, where an Adam step of
+    lr 2e-5 leaves most weights unchanged (rounded away); training's load_model gives them float32 master weights."""
+    from conftest import compose
+
+    from phi4_pron.training import load_model
+
+    cfg = compose(["model=tiny", "model.dtype=bfloat16", "train_audio_encoder=true", "lora=r64"])
+    model = load_model(cfg)[0]
+    trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    encoder = {n: p for n, p in trained.items() if ".modules_to_save." in n}
+    assert encoder and {p.dtype for p in trained.values()} == {torch.float32}
+    assert {p.dtype for p in model.parameters() if not p.requires_grad} == {torch.bfloat16}  # the frozen model stays
+    before = {n: p.detach().clone() for n, p in encoder.items()}
+    for p in trained.values():
+        p.grad = torch.ones_like(p)
+    torch.optim.AdamW(trained.values(), lr=2e-5, weight_decay=0.0).step()
+    assert all(bool((p.detach() != before[n]).all()) for n, p in encoder.items())  # every element moved
+
+
+def test_ddp_gradients_are_views_into_its_buckets(tiny_model_dir, tiny_processing, mini_train, tmp_path):
+    """No second copy of the trainable gradients under DDP (2 GiB for Unfreeze's float32 encoder on a 24 GB card)."""
+    trainer = _cpu_trainer(_tiny_lora_model(tiny_model_dir), tiny_processing, mini_train, tmp_path)
+    assert trainer.accelerator.ddp_handler.gradient_as_bucket_view

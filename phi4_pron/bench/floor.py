@@ -118,7 +118,7 @@ def run_floor(spec: dict, rows: list, base: list[str], after: list[str]) -> list
     from peft import LoraConfig, get_peft_model
 
     from phi4_pron.bench.measure import command
-    from phi4_pron.modeling import AUDIO_MODULES, load_base_model, resolve_model_path
+    from phi4_pron.modeling import AUDIO_MODULES, load_base_model, resolve_model_path, upcast_trained_copies
 
     cfg = compose("train", [*base, *spec["train"], *after])
     gpu = torch.cuda.is_available()
@@ -145,6 +145,8 @@ def run_floor(spec: dict, rows: list, base: list[str], after: list[str]) -> list
         audio = bool(row.get("audio"))
         for n, p in model.named_parameters():
             p.requires_grad_(audio and any(m in n for m in AUDIO_MODULES))
+        if audio:
+            upcast_trained_copies(model)  # as training: float32 master weights for the trained encoder
         net = model
         if "lora" in row:
             lora = row_cfg.lora
