@@ -231,17 +231,6 @@ def attach_speech_lora(
     return get_peft_model(model, peft_cfg, revision=revision), 0
 
 
-def upcast_trained_copies(model) -> int:
-    """Every trainable bf16/fp16 parameter in float32; returns how many. PEFT does this for LoRA weights but keeps
-    modules_to_save copies (Unfreeze's audio encoder and projector) in the model's dtype, where an Adam update of
-    about the learning rate (2e-5) is below half a bf16 step of most weights (1.2e-4 at 0.02) and rounds away.
-    Autocast still multiplies in bf16; the optimizer keeps float32 weights and states, as mixed precision means."""
-    trained = [p for p in model.parameters() if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16)]
-    for p in trained:
-        p.data = p.data.float()
-    return len(trained)
-
-
 def compile_layers(model, audio: bool = True) -> int:
     """Compile each decoder layer and (``audio``) each frozen audio conformer layer in place; returns how many.
 

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
+from peft import cast_mixed_precision_params
 from transformers import set_seed
 from trl import SFTConfig
 
@@ -45,7 +46,6 @@ from phi4_pron.modeling import (
     load_base_model,
     load_tokenizer_and_features,
     resolve_model_path,
-    upcast_trained_copies,
     vision_lora_summary,
 )
 from phi4_pron.predictions import task_info
@@ -230,7 +230,10 @@ def load_model(cfg: DictConfig, device: torch.device | str = "cpu") -> tuple[Any
     audio_token_id(tokenizer, model.config)
     extra = list(AUDIO_MODULES) if cfg.train_audio_encoder else None  # PEFT trains and saves copies of these
     model, n_loaded = attach_speech_lora(model, cfg.lora, model_path, revision, modules_to_save=extra)
-    upcast_trained_copies(model)  # the audio encoder's copies train in float32 (Unfreeze)
+    # PEFT upcasts LoRA weights only: Unfreeze's modules_to_save copies would train in bf16, where an Adam update of
+    # about the learning rate (2e-5) is below half a bf16 step of most weights and rounds away. Every trained
+    # parameter gets float32 master weights (autocast still multiplies in bf16); the frozen ones keep model.dtype.
+    cast_mixed_precision_params(model, getattr(torch, cfg.model.dtype))
     return model.to(device), tokenizer, feature_extractor, model_path, n_loaded
 
 

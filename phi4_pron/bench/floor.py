@@ -115,10 +115,10 @@ def run_floor(spec: dict, rows: list, base: list[str], after: list[str]) -> list
     """The rows of ``conf/bench/floor.yaml``: the frozen LM, then each LoRA on it (fresh, the config's r, alpha,
     dropout and targets), on the micro-batches of the epoch of ``spec['train']`` + the row's ``extra`` overrides;
     ``audio`` rows also train the audio encoder and projector (Unfreeze). Compiled on a GPU."""
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, cast_mixed_precision_params, get_peft_model
 
     from phi4_pron.bench.measure import command
-    from phi4_pron.modeling import AUDIO_MODULES, load_base_model, resolve_model_path, upcast_trained_copies
+    from phi4_pron.modeling import AUDIO_MODULES, load_base_model, resolve_model_path
 
     cfg = compose("train", [*base, *spec["train"], *after])
     gpu = torch.cuda.is_available()
@@ -146,7 +146,7 @@ def run_floor(spec: dict, rows: list, base: list[str], after: list[str]) -> list
         for n, p in model.named_parameters():
             p.requires_grad_(audio and any(m in n for m in AUDIO_MODULES))
         if audio:
-            upcast_trained_copies(model)  # as training: float32 master weights for the trained encoder
+            cast_mixed_precision_params(model, dtype)  # as training: float32 master weights for the trained encoder
         net = model
         if "lora" in row:
             lora = row_cfg.lora
