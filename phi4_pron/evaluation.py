@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from phi4_pron.answer import Question, questions_from_config
 from phi4_pron.data import load_split
-from phi4_pron.inference import load_adapter_for_inference
+from phi4_pron.inference import compile_prompt_blocks, load_adapter_for_inference
 from phi4_pron.modeling import ModelPathError
 from phi4_pron.predictions import HEADLINE, evaluate_model, read_predictions, reparse, score, task_info, write_results
 from phi4_pron.report import write_table3
@@ -71,6 +71,9 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
         attn_implementation=hardware.attn_implementation,
         device="cpu" if hardware.num_gpus == 0 else None,
     )
+    compiled = hardware.compile if cfg.eval.compile is None else cfg.eval.compile
+    if compiled and model.device.type == "cuda":
+        log.info("prompt blocks compiled: %d modules", compile_prompt_blocks(model))
     task_cfg = cfg.task or trained.task
     if cfg.task is not None:
         questions = questions_from_config(cfg.task)
@@ -92,7 +95,7 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
             **task_info(task_cfg, bool(trained.get("train_audio_encoder", False))),
         },
         num_workers=hardware.dataloader_num_workers,
-        compiled=hardware.compile if cfg.eval.compile is None else cfg.eval.compile,
+        compiled=compiled,
     )
     if wandb_run is not None:
         wandb_run.log({f"eval/{k}": metrics[k] for k in HEADLINE})

@@ -11,6 +11,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.models.phi4_multimodal import modeling_phi4_multimodal as phi4_modeling
 
 from phi4_pron.answer import END, TASK_FILE, Question, questions_from_config
 from phi4_pron.collator import PronunciationCollator, pad_token_id
@@ -26,14 +27,80 @@ from phi4_pron.modeling import (
 DECODE_ATTENTION = "sdpa_packed_decode"
 
 
-def sdpa_packed_decode(module, query, key, value, attention_mask, scaling=None, **kwargs):
-    """SDPA; a single query token's heads are packed onto their key/value heads, so the cache is read once.
+def prompt_positions(query, key, value, attention_mask):
+    """A prompt's keys, values and mask cut to the prompt's own positions. ``generate`` writes a prompt into an empty
+    static cache from position 0 (it never continues a cache with more than one token at a time), so the cache's
+    positions behind the prompt are empty and masked: attending to them is wasted work (832 cached positions for
+    550-token APA prompts)."""
+    n = query.shape[2]
+    return key[:, :, :n], value[:, :, :n], None if attention_mask is None else attention_mask[..., :n]
 
-    ``sdpa`` does the same in eager mode only: compiled, it repeats every key/value head for each of its query heads
-    (a copy of the whole cache per layer and step), which made compiled decoding slower than eager.
+
+def left_padded_segments(attention_mask: torch.Tensor, batch: int) -> torch.Tensor:
+    """Flash attention's cumulative sequence offsets (int32) for a left-padded batch of prompts read as one sequence
+    of batch x width tokens, from its boolean mask (batch, 1, width, width; True: attends), without a host sync.
+
+    Segment 0 is row 0's padding, segment i row i-1's tokens followed by row i's padding, the last one row b-1's
+    tokens. Under causal attention a row's tokens see exactly themselves, as under the mask (its padding comes after
+    them); a padding position sees only what precedes it in its segment, so it stays finite (no query reads it).
+    """
+    width = attention_mask.shape[-1]
+    lengths = attention_mask[:, 0, -1].sum(-1).expand(batch)  # a left-padded row's last position sees the row
+    starts = torch.arange(batch, device=lengths.device) * width + width - lengths
+    ends = starts.new_full((1,), batch * width)
+    return torch.cat([starts.new_zeros(1), starts, ends]).to(torch.int32)
+
+
+def flash_prompt_attention(module, query, key, value, attention_mask, scaling=None):
+    """Causal flash attention over a left-padded batch of prompts (:func:`left_padded_segments`), key/value heads
+    shared by their query heads as flash does it. The same as SDPA under the padding mask, which cannot take flash
+    (a mask rules it out) and computes every masked position in its memory-efficient kernel: 2.6x the time of this
+    in an APA batch on an H200 (experiments/benchmarks/eval.md)."""
+    batch, heads, width, dim = query.shape
+    tokens = batch * width
+    segments = left_padded_segments(attention_mask, batch)
+    out = torch.ops.aten._flash_attention_forward(
+        query.transpose(1, 2).reshape(tokens, heads, dim),
+        key.transpose(1, 2).reshape(tokens, key.shape[1], dim),
+        value.transpose(1, 2).reshape(tokens, value.shape[1], dim),
+        segments,
+        segments,
+        2 * width,  # a segment's longest: a row and the next row's padding
+        2 * width,
+        0.0,
+        True,
+        False,
+        scale=scaling,
+    )[0]
+    return out.view(batch, width, heads, dim), None
+
+
+def uses_flash(module, query, attention_mask) -> bool:
+    """A padded prompt batch in the decoder, in half precision on a GPU: :func:`flash_prompt_attention` runs it."""
+    return (
+        isinstance(module, phi4_modeling.Phi4MultimodalAttention)
+        and attention_mask is not None
+        and attention_mask.dtype == torch.bool
+        and query.is_cuda
+        and query.dtype in (torch.bfloat16, torch.float16)
+    )
+
+
+def sdpa_packed_decode(module, query, key, value, attention_mask, scaling=None, **kwargs):
+    """SDPA for generation. A prompt attends to its own positions only (:func:`prompt_positions`; ``sdpa`` crops the
+    empty cache only where no mask is needed, so not for padded batches), through flash attention where
+    :func:`uses_flash`. A single query token's heads are packed onto their key/value heads, so the cache is read once
+    (``sdpa`` does that in eager mode only: compiled, it repeats every key/value head for each of its query heads, a
+    copy of the whole cache per layer and step).
     """
     groups = getattr(module, "num_key_value_groups", 1)
-    if query.shape[2] != 1 or groups == 1 or kwargs.get("position_bias") is not None:
+    q_len, plain = query.shape[2], kwargs.get("position_bias") is None
+    if q_len > 1 and plain:
+        if key.shape[2] > q_len:
+            key, value, attention_mask = prompt_positions(query, key, value, attention_mask)
+        if uses_flash(module, query, attention_mask):
+            return prompt_attention(module, query, key, value, attention_mask, scaling)
+    if q_len != 1 or groups == 1 or not plain:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
     batch, heads, _, dim = query.shape
     out = torch.nn.functional.scaled_dot_product_attention(
@@ -42,8 +109,75 @@ def sdpa_packed_decode(module, query, key, value, attention_mask, scaling=None, 
     return out.reshape(batch, heads, 1, dim).transpose(1, 2), None
 
 
+prompt_attention = flash_prompt_attention  # a padded prompt's attention (scripts/profile_eval.py swaps it)
+
+
 AttentionInterface.register(DECODE_ATTENTION, sdpa_packed_decode)
 AttentionMaskInterface.register(DECODE_ATTENTION, sdpa_mask)
+
+
+def rms_norm(hidden: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Phi-4's RMSNorm (``Phi4MultimodalRMSNorm``: float32 inside)."""
+    x = hidden.float()
+    return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)).to(hidden.dtype)
+
+
+def gated_mlp(hidden: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """Phi-4's MLP (``Phi4MultimodalMLP``, SiLU): ``down(up * silu(gate))``."""
+    gate, up = torch.nn.functional.linear(hidden, gate_up).chunk(2, dim=-1)
+    return torch.nn.functional.linear(up * torch.nn.functional.silu(gate), down)
+
+
+_eager_rotary = phi4_modeling.apply_rotary_pos_emb
+_compiled = {
+    f.__name__: torch.compile(f, dynamic=True) for f in (rms_norm, gated_mlp, _eager_rotary)
+}  # compiled on first use
+
+
+def is_prompt(hidden: torch.Tensor, seq_dim: int = 1) -> bool:
+    """Several tokens a row, on a GPU, without autograd (so never in training): what runs compiled."""
+    return hidden.shape[seq_dim] > 1 and hidden.is_cuda and not torch.is_grad_enabled()
+
+
+def _prompt_rotary(q, k, cos, sin, unsqueeze_dim=1):
+    """transformers' own rotary embedding, compiled for prompts (:func:`is_prompt`)."""
+    rotary = _compiled["apply_rotary_pos_emb"] if is_prompt(q, seq_dim=2) else _eager_rotary
+    return rotary(q, k, cos, sin, unsqueeze_dim)
+
+
+def compile_prompt_blocks(model) -> int:
+    """Prompts (:func:`is_prompt`) run every RMSNorm and MLP of the decoder as two compiled graphs shared by all
+    layers, and the rotary embedding as a third (transformers' function, replaced in its module by one that calls the
+    compiled copy for prompts); one-token steps keep the eager code, which transformers compiles whole with a static
+    cache. The decoder layers themselves cannot be compiled for prompts as one graph: each indexes the cache by its
+    number. For a merged model (LoRA folded in), as evaluation loads it. Returns how many modules run compiled (0:
+    left as it is: not Phi-4's MLP, or LoRA layers not merged).
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder = base.model
+    mlps = [layer.mlp for layer in decoder.layers]
+    plain = all(type(m.gate_up_proj) is type(m.down_proj) is torch.nn.Linear for m in mlps)
+    if decoder.config.hidden_act != "silu" or not plain:
+        return 0
+    norms = [decoder.norm] + [
+        m for layer in decoder.layers for m in (layer.input_layernorm, layer.post_attention_layernorm)
+    ]
+
+    def prompt_norm(norm):
+        eager = norm.forward
+        return lambda h: _compiled["rms_norm"](h, norm.weight, norm.variance_epsilon) if is_prompt(h) else eager(h)
+
+    def prompt_mlp(mlp):
+        eager = mlp.forward
+        compiled = _compiled["gated_mlp"]
+        return lambda h: compiled(h, mlp.gate_up_proj.weight, mlp.down_proj.weight) if is_prompt(h) else eager(h)
+
+    for norm in norms:
+        norm.forward = prompt_norm(norm)
+    for mlp in mlps:
+        mlp.forward = prompt_mlp(mlp)
+    phi4_modeling.apply_rotary_pos_emb = _prompt_rotary
+    return len(norms) + len(mlps)
 
 
 def load_adapter_for_inference(

@@ -96,6 +96,98 @@ def test_packed_decode_attention_equals_repeated_heads(compiled):
     torch.testing.assert_close(out, ref.transpose(1, 2))
 
 
+def _left_padded(lengths: list[int], width: int):
+    """A left-padded batch's boolean mask (batch, 1, width, width; True: attends) and its real positions."""
+    import torch
+
+    pos = torch.arange(width)
+    real = pos[None] >= (width - torch.tensor(lengths))[:, None]
+    return ((pos[:, None] >= pos[None, :]) & real[:, None, :])[:, None], real
+
+
+def test_a_prompt_attends_to_its_own_positions_not_the_empty_cache():
+    """Prefill into a static cache: the cache's empty tail (garbage here) is cut off, the result is the prompt's own
+    causal, padded attention."""
+    import torch
+    from transformers.integrations.sdpa_attention import repeat_kv
+
+    from phi4_pron.inference import sdpa_packed_decode
+
+    torch.manual_seed(0)
+    module = torch.nn.Module()
+    module.num_key_value_groups = 3
+    mask, _ = _left_padded([4, 2], 4)
+    q, k, v = torch.randn(2, 6, 4, 8), torch.randn(2, 2, 7, 8), torch.randn(2, 2, 7, 8)  # cache of 7 positions
+    full_mask = torch.cat([mask, torch.zeros(2, 1, 4, 3, dtype=torch.bool)], dim=-1)  # the tail is masked
+    out, _ = sdpa_packed_decode(module, q, k, v, full_mask, scaling=0.5)
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q, repeat_kv(k[:, :, :4], 3), repeat_kv(v[:, :, :4], 3), attn_mask=mask, scale=0.5
+    )
+    real = mask[:, 0].any(-1)  # a fully padded query row is undefined either way
+    torch.testing.assert_close(out[real.nonzero(as_tuple=True)], ref.transpose(1, 2)[real.nonzero(as_tuple=True)])
+
+
+def test_left_padded_segments_give_each_row_its_own_causal_attention():
+    """flash_prompt_attention's segments, emulated on the CPU: causal attention within each segment of the batch read
+    as one sequence equals SDPA under the padding mask on every real position, and padding stays finite."""
+    import torch
+
+    from phi4_pron.inference import left_padded_segments
+
+    lengths, width = [4, 2, 3, 4], 4
+    mask, real = _left_padded(lengths, width)
+    segments = left_padded_segments(mask, len(lengths))
+    assert segments.tolist() == [0, 0, 6, 9, 12, 16] and segments.dtype == torch.int32
+    assert left_padded_segments(torch.ones(1, 1, 3, 3, dtype=torch.bool), 2).tolist() == [0, 0, 3, 6]
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(len(lengths), width, 2, 8) for _ in range(3))  # (batch, width, heads, dim)
+    flat = [t.reshape(-1, 2, 8).transpose(0, 1) for t in (q, k, v)]  # (heads, tokens, dim)
+    out = torch.cat(
+        [
+            torch.nn.functional.scaled_dot_product_attention(*(t[:, a:b] for t in flat), is_causal=True)
+            for a, b in zip(segments[:-1].tolist(), segments[1:].tolist(), strict=True)
+            if b > a
+        ],
+        dim=1,
+    )
+    ref = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), attn_mask=mask)
+    out = out.transpose(0, 1).reshape(len(lengths), width, 2, 8)
+    torch.testing.assert_close(out[real], ref.transpose(1, 2)[real])
+    assert torch.isfinite(out).all()
+
+
+def test_prompt_blocks_compute_what_phi4s_modules_compute(tiny_model_dir, monkeypatch):
+    """compile_prompt_blocks' RMSNorm and MLP are the modules' own functions; it leaves an unmerged LoRA model alone
+    and CPU tensors (what it compiles runs on a GPU only) on the eager code."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers.models.phi4_multimodal import modeling_phi4_multimodal as phi4_modeling
+
+    from phi4_pron import inference
+    from phi4_pron.modeling import load_base_model
+
+    monkeypatch.setattr(phi4_modeling, "apply_rotary_pos_emb", phi4_modeling.apply_rotary_pos_emb)
+    model = load_base_model(str(tiny_model_dir), None, torch.float32, "sdpa").eval()
+    layer = model.model.layers[0]
+    torch.manual_seed(0)
+    h = torch.randn(2, 5, model.config.hidden_size)
+    torch.testing.assert_close(
+        inference.rms_norm(h, layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon),
+        layer.input_layernorm(h),
+    )
+    torch.testing.assert_close(
+        inference.gated_mlp(h, layer.mlp.gate_up_proj.weight, layer.mlp.down_proj.weight), layer.mlp(h)
+    )
+    lora = get_peft_model(model, LoraConfig(r=2, target_modules=["gate_up_proj"]))
+    assert inference.compile_prompt_blocks(lora) == 0
+    model = lora.unload()
+    n_layers = len(model.model.layers)
+    with torch.inference_mode():
+        before = layer.mlp(h)
+        assert inference.compile_prompt_blocks(model) == 1 + 3 * n_layers  # final norm, 2 norms and the MLP a layer
+        assert not inference.is_prompt(h) and torch.equal(layer.mlp(h), before)
+
+
 @pytest.mark.slow  # a subprocess
 def test_rescoring_saved_predictions_needs_no_model(tmp_path):
     ref = {

@@ -1,0 +1,262 @@
+"""Evaluation's generation, A/B in one process on one loaded model (so every variant runs on the same machine).
+
+Stages, each written to $OUT/profile_eval.json as it ends (a call stopped at its limit keeps what it measured):
+
+- ``attention``: :func:`phi4_pron.inference.flash_prompt_attention` against SDPA under the padding mask on random
+  left-padded prompts (largest difference on real positions, time of each at APA's batch shape);
+- ``numerics``: one APA batch's last-position logits with the prompt blocks compiled and without, both against the
+  same model in float32 (:func:`phi4_pron.inference.compile_prompt_blocks` changes where bf16 rounds);
+- variants over the split's first ``--limit`` recordings (``generate_records``, as ``evaluate`` calls it), after a
+  first run that compiles; answers compared with the first variant's. ``--variants`` picks them, in order:
+  ``before`` (prompts attend to the whole static cache, no prompt blocks, memory-efficient attention), ``crop``
+  (their own positions), ``blocks`` (and the prompt blocks compiled), ``flash`` (and flash attention: the code as
+  ``evaluate`` runs it on a GPU). ``--breakdown``: one more run of the last with every ``generate()`` call timed.
+
+    python scripts/profile_eval.py --model=DIR --data=DIR [--limit=N] [--variants=blocks,flash] [--breakdown] \
+        <evaluate overrides>
+
+The base model stands for the trained one: a merged adapter has its structure, and weights do not change the speed.
+"""
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+from transformers import GenerationMixin
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from phi4_pron import inference
+from phi4_pron.answer import questions_from_config
+from phi4_pron.bench.measure import compose
+from phi4_pron.data import load_split
+from phi4_pron.inference import DECODE_ATTENTION, generate_from_batch, generation_collator, static_cache_len
+from phi4_pron.modeling import load_base_model, load_tokenizer_and_features
+from phi4_pron.predictions import generate_records
+
+generate = GenerationMixin.generate
+calls: list[dict] = []
+
+
+class Stamps:
+    """A streamer that only notes when each token arrives (the GPU synchronised)."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def put(self, value):
+        sync()
+        self.times.append(time.perf_counter())
+
+    def end(self):
+        pass
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed_generate(self, *args, **kwargs):
+    stamps = Stamps()
+    sync()
+    start = time.perf_counter()
+    out = generate(self, *args, streamer=stamps, **kwargs)
+    sync()
+    end = time.perf_counter()
+    prefill = stamps.times[1] - start
+    calls.append(
+        {
+            "prefill_s": prefill,
+            "decode_s": end - start - prefill,
+            "steps": out.shape[1] - kwargs["input_ids"].shape[1],
+            "cache": kwargs.get("max_cache_len"),
+        }
+    )
+    return out
+
+
+def breakdown() -> dict:
+    apa = [c for c in calls if c["cache"] == max(c["cache"] for c in calls)]
+    mdd = [c for c in calls if c not in apa]
+    out = {}
+    for name, group in (("apa", apa), ("mdd", mdd)):
+        out[f"{name}_prefill_s"] = sum(c["prefill_s"] for c in group)
+        out[f"{name}_decode_s"] = sum(c["decode_s"] for c in group)
+        out[f"{name}_ms_per_step"] = 1000 * out[f"{name}_decode_s"] / max(1, sum(c["steps"] - 1 for c in group))
+    return out
+
+
+def profile_batch(model, tokenizer, batch, cache_len, label):
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        generate_from_batch(model, tokenizer, batch, [1] * len(batch["input_ids"]), cache_len)
+        sync()
+    events = prof.key_averages()
+    key = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    total = sum(getattr(e, key) for e in events) / 1e6
+    print(f"\n## {label}: one APA prompt batch, {total:.3f} s ({key})")
+    print(events.table(sort_by=key, row_limit=20, max_name_column_width=70), flush=True)
+
+
+def main(argv: list[str]) -> None:
+    cfg = compose("evaluate", [a for a in argv if not a.startswith("--")])
+    flags = dict(a[2:].split("=", 1) if "=" in a else (a[2:], "1") for a in argv if a.startswith("--"))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = load_base_model(flags["model"], None, dtype, "sdpa").to(device).eval()
+    model.set_attn_implementation(DECODE_ATTENTION)
+    tokenizer, features = load_tokenizer_and_features(flags["model"])
+    questions = questions_from_config(cfg.task)
+    dataset = load_split(flags["data"], "test", limit=int(flags["limit"]) if "limit" in flags else None)
+    kwargs = dict(
+        batch_size=cfg.hardware.per_device_eval_batch_size,
+        max_new_tokens=cfg.eval.max_new_tokens,
+        num_workers=cfg.hardware.dataloader_num_workers,
+        compiled=True,
+        progress=False,
+    )
+    apa = generation_collator(tokenizer, features, questions)(
+        [{**dataset[i], "question": "apa"} for i in range(min(kwargs["batch_size"], len(dataset)))]
+    )
+    apa_cache = static_cache_len(apa["input_ids"].shape[1] + 8, questions["apa"].max_new_tokens)
+    out = Path(os.environ.get("OUT", "output/bench-results"))
+    out.mkdir(parents=True, exist_ok=True)
+    results: list[dict] = []
+    reference: list = []
+
+    def run(label: str) -> None:
+        sync()
+        start = time.perf_counter()
+        records = generate_records(model, tokenizer, features, questions, dataset, **kwargs)
+        sync()
+        row = {"label": label, "recordings": len(dataset), "wall_s": round(time.perf_counter() - start, 2)}
+        raw = [r["raw"] for r in records]
+        if reference:
+            row["same_answers"] = sum(
+                a == b for r, s in zip(raw, reference, strict=True) for a, b in zip(r.values(), s.values(), strict=True)
+            )
+            row["answers"] = 2 * len(raw)
+        else:
+            reference.extend(raw)
+        row["failed"] = sum(r["error"] is not None for r in records)
+        results.append(row)
+        print(json.dumps(row), flush=True)
+
+    def save():
+        (out / "profile_eval.json").write_text(json.dumps({"argv": argv, "results": results}, indent=1))
+
+    if "attention" in flags.get("stages", "attention,numerics"):
+        results.append(check_attention(device))
+        print(json.dumps(results[-1]), flush=True)
+        save()
+    if "numerics" in flags.get("stages", "attention,numerics"):
+        results.append(check_numerics(model, apa))
+        print(json.dumps(results[-1]), flush=True)
+        save()
+
+    uncropped, flash = inference.prompt_positions, inference.prompt_attention
+    variants = flags.get("variants", "blocks,flash").split(",")
+    blocks = False
+    for k, name in enumerate(variants):
+        inference.prompt_positions = (
+            uncropped if name != "before" else lambda query, key, value, mask: (key, value, mask)
+        )
+        inference.prompt_attention = flash if name == "flash" else efficient_attention
+        if name in ("blocks", "flash") and not blocks:
+            print("compiled prompt blocks:", inference.compile_prompt_blocks(model), flush=True)
+            blocks = True
+            run(f"{name}: first run (compiles)")
+        elif k == 0:
+            run(f"{name}: first run (compiles)")
+        run(name)
+        save()
+        if k in (0, len(variants) - 1):
+            profile_batch(model, tokenizer, apa, apa_cache, name)
+    if "breakdown" in flags:
+        GenerationMixin.generate = timed_generate
+        calls.clear()
+        run(f"{variants[-1]}, every token synchronised")
+        results[-1].update(breakdown())
+        print(json.dumps({k: round(v, 3) for k, v in breakdown().items()}), flush=True)
+        save()
+
+
+def efficient_attention(module, query, key, value, mask, scaling=None):
+    """What SDPA runs for a padded prompt batch (its memory-efficient kernel)."""
+    return sdpa_attention_forward(module, query, key, value, mask, scaling=scaling)
+
+
+def check_attention(device: str) -> dict:
+    """flash_prompt_attention against SDPA under the mask: random left-padded prompts, APA's batch shape."""
+    if device != "cuda":
+        return {"label": "attention", "skipped": "no GPU"}
+    torch.manual_seed(0)
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = 3, True
+    batch, width = 256, 576
+    q = torch.randn(batch, 24, width, 128, device=device, dtype=torch.bfloat16)
+    k, v = (torch.randn(batch, 8, width, 128, device=device, dtype=torch.bfloat16) for _ in range(2))
+    lengths = torch.randint(width // 2, width + 1, (batch,), device=device)
+    lengths[0] = width
+    pos = torch.arange(width, device=device)
+    real = pos[None] >= (width - lengths)[:, None]  # left padding
+    mask = (pos[None, :, None] >= pos[None, None, :]) & real[:, None, :]
+    mask = mask[:, None]
+    ref, _ = efficient_attention(module, q, k, v, mask, scaling=128**-0.5)
+    out, _ = inference.flash_prompt_attention(module, q, k, v, mask, scaling=128**-0.5)
+    diff = (out - ref).abs()[real].max().item()
+    times = {}
+    for name, fn in (("efficient", efficient_attention), ("flash", inference.flash_prompt_attention)):
+        for _ in range(2):
+            fn(module, q, k, v, mask, scaling=128**-0.5)
+        sync()
+        start = time.perf_counter()
+        for _ in range(10):
+            fn(module, q, k, v, mask, scaling=128**-0.5)
+        sync()
+        times[f"{name}_ms"] = round(100 * (time.perf_counter() - start), 3)
+    finite = bool(torch.isfinite(out).all())
+    return {
+        "label": "attention",
+        "shape": [batch, 24, width, 128],
+        "max_abs_diff_real": diff,
+        "finite": finite,
+        **times,
+    }
+
+
+@torch.inference_mode()
+def check_numerics(model, batch) -> dict:
+    """Last-position logits of one APA batch: bf16 eager, bf16 with the prompt blocks, float32 (the reference)."""
+    device = next(model.parameters()).device
+    inputs = {k: v.to(device) for k, v in batch.items()}
+
+    def logits():
+        return model(**inputs, logits_to_keep=1).logits[:, -1].float()
+
+    eager = logits()
+    own = {id(m) for m in model.modules() if "forward" in m.__dict__}
+    inference.compile_prompt_blocks(model)
+    blocks = logits()
+    for m in model.modules():  # undo compile_prompt_blocks: the classes' forward again
+        if "forward" in m.__dict__ and id(m) not in own:
+            del m.forward
+    inference.phi4_modeling.apply_rotary_pos_emb = inference._eager_rotary
+    model.float()
+    exact = logits()
+    model.to(torch.bfloat16)
+    scale = exact.std().item()
+    row = {"label": "numerics", "logit_std_fp32": scale}
+    for name, x in (("eager_bf16", eager), ("blocks_bf16", blocks)):
+        row[f"{name}_max_abs_diff_over_std"] = (x - exact).abs().max().item() / scale
+        row[f"{name}_mean_abs_diff_over_std"] = (x - exact).abs().mean().item() / scale
+        row[f"{name}_top1_same_as_fp32"] = (x.argmax(-1) == exact.argmax(-1)).float().mean().item()
+    return row
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
