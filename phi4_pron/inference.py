@@ -129,9 +129,10 @@ def gated_mlp(hidden: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -
 
 
 _eager_rotary = phi4_modeling.apply_rotary_pos_emb
-_compiled = {
-    f.__name__: torch.compile(f, dynamic=True) for f in (rms_norm, gated_mlp, _eager_rotary)
-}  # compiled on first use
+# compiled on first use, one dynamic-shape graph each, shared by every layer
+_compiled_norm, _compiled_mlp, _compiled_rotary = (
+    torch.compile(f, dynamic=True) for f in (rms_norm, gated_mlp, _eager_rotary)
+)
 
 
 def is_prompt(hidden: torch.Tensor, seq_dim: int = 1) -> bool:
@@ -141,7 +142,7 @@ def is_prompt(hidden: torch.Tensor, seq_dim: int = 1) -> bool:
 
 def _prompt_rotary(q, k, cos, sin, unsqueeze_dim=1):
     """transformers' own rotary embedding, compiled for prompts (:func:`is_prompt`)."""
-    rotary = _compiled["apply_rotary_pos_emb"] if is_prompt(q, seq_dim=2) else _eager_rotary
+    rotary = _compiled_rotary if is_prompt(q, seq_dim=2) else _eager_rotary
     return rotary(q, k, cos, sin, unsqueeze_dim)
 
 
@@ -165,12 +166,11 @@ def compile_prompt_blocks(model) -> int:
 
     def prompt_norm(norm):
         eager = norm.forward
-        return lambda h: _compiled["rms_norm"](h, norm.weight, norm.variance_epsilon) if is_prompt(h) else eager(h)
+        return lambda h: _compiled_norm(h, norm.weight, norm.variance_epsilon) if is_prompt(h) else eager(h)
 
     def prompt_mlp(mlp):
         eager = mlp.forward
-        compiled = _compiled["gated_mlp"]
-        return lambda h: compiled(h, mlp.gate_up_proj.weight, mlp.down_proj.weight) if is_prompt(h) else eager(h)
+        return lambda h: _compiled_mlp(h, mlp.gate_up_proj.weight, mlp.down_proj.weight) if is_prompt(h) else eager(h)
 
     for norm in norms:
         norm.forward = prompt_norm(norm)
