@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -75,14 +76,22 @@ def flash_prompt_attention(module, query, key, value, attention_mask, scaling=No
     return out.view(batch, width, heads, dim), None
 
 
+@functools.cache
+def has_flash(device: torch.device) -> bool:
+    """PyTorch's flash kernels run on this GPU: built with them, and an Ampere or newer card (not a V100 or T4)."""
+    return torch.backends.cuda.is_flash_attention_available() and torch.cuda.get_device_capability(device) >= (8, 0)
+
+
 def uses_flash(module, query, attention_mask) -> bool:
-    """A padded prompt batch in the decoder, in half precision on a GPU: :func:`flash_prompt_attention` runs it."""
+    """A padded prompt batch in the decoder, in half precision on a GPU with flash kernels: it takes
+    :func:`flash_prompt_attention`."""
     return (
         isinstance(module, phi4_modeling.Phi4MultimodalAttention)
         and attention_mask is not None
         and attention_mask.dtype == torch.bool
         and query.is_cuda
         and query.dtype in (torch.bfloat16, torch.float16)
+        and has_flash(query.device)
     )
 
 
