@@ -170,6 +170,15 @@ def save_converted_adapter(model, out_dir: Path, r: int, alpha: int, dropout: fl
     (out_dir / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
+def _own_random_state():
+    """The CPU's random state, and the current GPU's where there is one, restored on exit: ``torch.manual_seed``
+    seeds every device (a GPU not yet initialised when it first is), so the GPU's is forked too."""
+    if not torch.cuda.is_available():
+        return torch.random.fork_rng(devices=[])
+    torch.cuda.init()
+    return torch.random.fork_rng(devices=[torch.cuda.current_device()])
+
+
 def write_checkpoint(
     out_dir: str | Path,
     tokenizer,
@@ -183,11 +192,15 @@ def write_checkpoint(
 ) -> Path:
     """Write a random-weight checkpoint of ``config`` to ``out_dir`` in the published layout (atomically: a
     half-built folder never appears): sharded weights + index, tokenizer, feature extractor, generation config,
-    ``speech-lora/`` and ``vision-lora/``, and ``marker`` as ``TINY_MODEL.json`` (what was built, and how)."""
+    ``speech-lora/`` and ``vision-lora/``, and ``marker`` as ``TINY_MODEL.json`` (what was built, and how).
+
+    The caller's random state is left as it was: a run that builds the checkpoint first (a fresh cache) trains
+    exactly as one that finds it built (before, a fresh machine's first ``make smoke`` trained on from the
+    builder's random state and answered 0/8 recordings parseably, the next run 8/8)."""
     from transformers import GenerationConfig, Phi4MultimodalFeatureExtractor, Phi4MultimodalForCausalLM
 
     previous = torch.get_default_dtype()
-    with atomic_folder(out_dir) as tmp:
+    with _own_random_state(), atomic_folder(out_dir) as tmp:
         torch.manual_seed(seed)
         torch.set_default_dtype(dtype)
         try:

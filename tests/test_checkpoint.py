@@ -42,6 +42,21 @@ def test_tiny_checkpoint_copies_the_published_layout(tiny_model_dir, tiny_proces
     assert adapter["target_modules"] == r"model.layers.\d+.((self_attn.(qkv|o)_proj)|(mlp.(gate_up|down)_proj))"
 
 
+def test_building_the_tiny_checkpoint_leaves_the_callers_random_state(tmp_path):
+    """A run that builds the checkpoint (a fresh cache) draws the same random numbers after it as one that finds
+    it built: a fresh machine's first ``make smoke`` otherwise trained differently from the next (0/8 vs 8/8)."""
+    from transformers import set_seed
+
+    from phi4_pron.tiny_model import build_tiny_checkpoint
+
+    set_seed(7)
+    expected = torch.rand(4)
+    set_seed(7)
+    build_tiny_checkpoint(tmp_path / "tiny")
+    assert (tmp_path / "tiny" / "TINY_MODEL.json").exists()
+    assert torch.equal(torch.rand(4), expected)
+
+
 @pytest.mark.parametrize("prefixed", [False, True])
 def test_r320_loads_every_tensor_of_the_file_in_either_key_layout(tiny_model_dir, tmp_path, prefixed):
     """The published layout (no prefix) and PEFT's own (``base_model.model.``): every value lands, B non-zero."""
