@@ -108,7 +108,7 @@ def sdpa_packed_decode(module, query, key, value, attention_mask, scaling=None, 
         if key.shape[2] > q_len:
             key, value, attention_mask = prompt_positions(query, key, value, attention_mask)
         if uses_flash(module, query, attention_mask):
-            return prompt_attention(module, query, key, value, attention_mask, scaling)
+            return flash_prompt_attention(module, query, key, value, attention_mask, scaling)
     if q_len != 1 or groups == 1 or not plain:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
     batch, heads, _, dim = query.shape
@@ -116,9 +116,6 @@ def sdpa_packed_decode(module, query, key, value, attention_mask, scaling=None, 
         query.reshape(batch, heads // groups, groups, dim), key, value, attn_mask=attention_mask, scale=scaling
     )
     return out.reshape(batch, heads, 1, dim).transpose(1, 2), None
-
-
-prompt_attention = flash_prompt_attention  # a padded prompt's attention (scripts/profile_eval.py swaps it)
 
 
 AttentionInterface.register(DECODE_ATTENTION, sdpa_packed_decode)

@@ -13,55 +13,8 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-from transformers import GenerationMixin
-
-from phi4_pron.bench.measure import compose
+from phi4_pron.bench.measure import GenerateTimes, compose
 from phi4_pron.evaluation import run_evaluation
-
-calls: list[dict] = []
-last = [time.perf_counter()]
-generate = GenerationMixin.generate
-
-
-class Stamps:
-    """A streamer that only notes when each token (the prompt first) is ready."""
-
-    def __init__(self):
-        self.times: list[float] = []
-
-    def put(self, value):
-        torch.cuda.synchronize()
-        self.times.append(time.perf_counter())
-
-    def end(self):
-        pass
-
-
-def timed_generate(self, *args, **kwargs):
-    stamps = Stamps()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    out = generate(self, *args, streamer=stamps, **kwargs)
-    torch.cuda.synchronize()
-    end = time.perf_counter()
-    prefill = stamps.times[1] - start if len(stamps.times) > 1 else end - start
-    ids = kwargs["input_ids"]
-    steps = out.shape[1] - ids.shape[1]
-    calls.append(
-        {
-            "wait_s": start - last[0],
-            "prefill_s": prefill,
-            "decode_s": end - start - prefill,
-            "steps": steps,
-            "width": ids.shape[1],
-            "batch": ids.shape[0],
-            "cache": kwargs.get("max_cache_len"),
-        }
-    )
-    last[0] = end
-    return out
-
 
 out = Path(os.environ.get("OUT", "output/bench-results"))
 row = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()][-1]
@@ -72,9 +25,10 @@ for run in ("cold", "warm") if "--warm" in sys.argv else ():  # untimed by call:
     run_evaluation(cfg)
     summary[f"{run}_wall_s"] = time.perf_counter() - start
     print(summary, flush=True)
-GenerationMixin.generate = timed_generate
-last[0] = start = time.perf_counter()
-run_evaluation(cfg)
+start = time.perf_counter()
+with GenerateTimes() as times:
+    run_evaluation(cfg)
+calls = times.calls
 summary.update(wall_s=time.perf_counter() - start, generate_calls=len(calls))
 for key in ("wait_s", "prefill_s", "decode_s"):
     summary[key] = sum(c[key] for c in calls)

@@ -26,60 +26,18 @@ from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
-from transformers import GenerationMixin
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from phi4_pron import inference
 from phi4_pron.answer import questions_from_config
-from phi4_pron.bench.measure import compose
+from phi4_pron.bench.measure import GenerateTimes, compose, sync
 from phi4_pron.data import load_split
 from phi4_pron.inference import DECODE_ATTENTION, generate_from_batch, generation_collator, static_cache_len
 from phi4_pron.modeling import load_base_model, load_tokenizer_and_features
 from phi4_pron.predictions import generate_records
 
-generate = GenerationMixin.generate
-calls: list[dict] = []
 
-
-class Stamps:
-    """A streamer that only notes when each token arrives (the GPU synchronised)."""
-
-    def __init__(self):
-        self.times: list[float] = []
-
-    def put(self, value):
-        sync()
-        self.times.append(time.perf_counter())
-
-    def end(self):
-        pass
-
-
-def sync():
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def timed_generate(self, *args, **kwargs):
-    stamps = Stamps()
-    sync()
-    start = time.perf_counter()
-    out = generate(self, *args, streamer=stamps, **kwargs)
-    sync()
-    end = time.perf_counter()
-    prefill = stamps.times[1] - start
-    calls.append(
-        {
-            "prefill_s": prefill,
-            "decode_s": end - start - prefill,
-            "steps": out.shape[1] - kwargs["input_ids"].shape[1],
-            "cache": kwargs.get("max_cache_len"),
-        }
-    )
-    return out
-
-
-def breakdown() -> dict:
+def breakdown(calls: list[dict]) -> dict:
     apa = [c for c in calls if c["cache"] == max(c["cache"] for c in calls)]
     mdd = [c for c in calls if c not in apa]
     out = {}
@@ -158,14 +116,14 @@ def main(argv: list[str]) -> None:
         print(json.dumps(results[-1]), flush=True)
         save()
 
-    uncropped, flash = inference.prompt_positions, inference.prompt_attention
+    uncropped, flash = inference.prompt_positions, inference.flash_prompt_attention
     variants = flags.get("variants", "blocks,flash").split(",")
     blocks = False
     for k, name in enumerate(variants):
         inference.prompt_positions = (
             uncropped if name != "before" else lambda query, key, value, mask: (key, value, mask)
         )
-        inference.prompt_attention = flash if name == "flash" else efficient_attention
+        inference.flash_prompt_attention = flash if name == "flash" else efficient_attention
         if name in ("blocks", "flash") and not blocks:
             print("compiled prompt blocks:", inference.compile_prompt_blocks(model), flush=True)
             blocks = True
@@ -177,11 +135,10 @@ def main(argv: list[str]) -> None:
         if k in (0, len(variants) - 1):
             profile_batch(model, tokenizer, apa, apa_cache, name)
     if "breakdown" in flags:
-        GenerationMixin.generate = timed_generate
-        calls.clear()
-        run(f"{variants[-1]}, every token synchronised")
-        results[-1].update(breakdown())
-        print(json.dumps({k: round(v, 3) for k, v in breakdown().items()}), flush=True)
+        with GenerateTimes() as times:
+            run(f"{variants[-1]}, every token synchronised")
+        results[-1].update(breakdown(times.calls))
+        print(json.dumps({k: round(v, 3) for k, v in breakdown(times.calls).items()}), flush=True)
         save()
 
 

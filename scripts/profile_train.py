@@ -17,7 +17,7 @@ from stack_sampler import StackSampler
 from torch.profiler import ProfilerActivity, profile
 from transformers import TrainerCallback
 
-from phi4_pron.bench.measure import _sync, compose
+from phi4_pron.bench.measure import compose, sync
 from phi4_pron.training import run_training
 
 
@@ -49,10 +49,10 @@ class Sample(TrainerCallback):
         if state.global_step == self.first:
             if self.skip_guards:
                 torch.compiler.set_stance("default", skip_guard_eval_unsafe=True).__enter__()
-            _sync()
+            sync()
             self.sampler.start()
         elif state.global_step == self.last:
-            _sync()
+            sync()
             self.sampler.report(f"{self.last - self.first} steps")
 
 

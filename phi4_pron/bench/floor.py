@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from phi4_pron.bench.measure import _sync, compose, free_memory, peak_gib
+from phi4_pron.bench.measure import compose, free_memory, peak_gib, sync
 
 
 def epoch_shapes(cfg) -> list[tuple[int, int, list[tuple[int, int, int, int]]]]:
@@ -91,12 +91,12 @@ def floor_row(
     with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
         for shape in timed[:: max(1, len(timed) // warmup)][:warmup]:
             _step(model, shape, vocab, audio)
-        _sync()
+        sync()
         free_memory()
         start = time.perf_counter()
         for shape in timed:
             _step(model, shape, vocab, audio)
-        _sync()
+        sync()
     per_batch = (time.perf_counter() - start) / len(timed)
     tokens = sum(row[0] for _, _, rows in shapes for row in rows)
     epoch_s = per_batch * len(shapes)

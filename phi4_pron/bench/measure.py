@@ -22,6 +22,65 @@ from transformers import TrainerCallback
 from phi4_pron.config import REPO_ROOT
 
 
+class GenerateTimes:
+    """While active (``with GenerateTimes() as times``), every ``generate()`` call is timed into ``times.calls``: the
+    wait before it (loading, the loader), its prefill (to the first token) and its decoding. Each token is
+    synchronised through a streamer, which makes decoding look slower than it is (scripts/eval_breakdown.py,
+    scripts/profile_eval.py)."""
+
+    def __init__(self) -> None:
+        self.calls: list[dict[str, Any]] = []
+        self._last = time.perf_counter()
+
+    class _Stamps:  # a streamer that only notes when each token (the prompt first) is ready
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def put(self, value) -> None:
+            sync()
+            self.times.append(time.perf_counter())
+
+        def end(self) -> None:
+            pass
+
+    def __enter__(self) -> GenerateTimes:
+        from transformers import GenerationMixin
+
+        self._generate = generate = GenerationMixin.generate
+        self._last = time.perf_counter()
+
+        def timed(model, *args, **kwargs):
+            stamps = self._Stamps()
+            sync()
+            start = time.perf_counter()
+            out = generate(model, *args, streamer=stamps, **kwargs)
+            sync()
+            end = time.perf_counter()
+            prefill = stamps.times[1] - start if len(stamps.times) > 1 else end - start
+            ids = kwargs["input_ids"]
+            self.calls.append(
+                {
+                    "wait_s": start - self._last,
+                    "prefill_s": prefill,
+                    "decode_s": end - start - prefill,
+                    "steps": out.shape[1] - ids.shape[1],
+                    "width": ids.shape[1],
+                    "batch": ids.shape[0],
+                    "cache": kwargs.get("max_cache_len"),
+                }
+            )
+            self._last = end
+            return out
+
+        GenerationMixin.generate = timed
+        return self
+
+    def __exit__(self, *exc) -> None:
+        from transformers import GenerationMixin
+
+        GenerationMixin.generate = self._generate
+
+
 def compose(config_name: str, overrides: list[str]) -> DictConfig:
     """The config ``python -m phi4_pron.<entrypoint> <overrides>`` runs with (schema checks included)."""
     from hydra import compose as hydra_compose
@@ -52,7 +111,8 @@ def versions() -> dict[str, str]:
     }
 
 
-def _sync() -> None:
+def sync() -> None:
+    """Wait for the GPU (a no-op without one)."""
     if torch.cuda.is_available():
         torch.cuda.synchronize()
 
@@ -80,7 +140,7 @@ class StepTimer(TrainerCallback):
         self.log_history: list[dict] = []
 
     def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
-        _sync()
+        sync()
         self.begin = time.perf_counter()
         self.prepare_peak_gib = peak_gib()  # loading, the audio embedding pass
         if torch.cuda.is_available():
@@ -93,10 +153,10 @@ class StepTimer(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step == self.warmup:
-            _sync()
+            sync()
             self.start = time.perf_counter()
         if state.global_step == state.max_steps:
-            _sync()
+            sync()
             self.end = time.perf_counter()
             self.steps = state.global_step - self.warmup
             self.peak_gib = peak_gib()
