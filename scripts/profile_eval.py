@@ -9,10 +9,12 @@ Stages, each written to $OUT/profile_eval.json as it ends (a call stopped at its
 - variants over the split's first ``--limit`` recordings (``generate_records``, as ``evaluate`` calls it), after a
   first run that compiles; answers compared with the first variant's. ``--variants`` picks them, in order:
   ``before`` (prompts attend to the whole static cache, no prompt blocks, memory-efficient attention), ``crop``
-  (their own positions), ``blocks`` (and the prompt blocks compiled), ``flash`` (and flash attention: the code as
-  ``evaluate`` runs it on a GPU). ``--breakdown``: one more run of the last with every ``generate()`` call timed.
+  (their own positions), ``blocks`` (and the prompt blocks compiled, the rotary embedding over transposed views),
+  ``flash`` (and flash attention), ``rotary`` (and the rotary embedding in memory order), ``parts`` (and each batch
+  collated in parts by the DataLoader workers: the code as ``evaluate`` runs it on a GPU).
+  ``--breakdown``: one more run of the last with every ``generate()`` call timed.
 
-    python scripts/profile_eval.py --model=DIR --data=DIR [--limit=N] [--variants=blocks,flash] [--breakdown] \
+    python scripts/profile_eval.py --model=DIR --data=DIR [--limit=N] [--variants=flash,rotary,parts] [--breakdown] \
         <evaluate overrides>
 
 The base model stands for the trained one: a merged adapter has its structure, and weights do not change the speed.
@@ -28,7 +30,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from phi4_pron import inference
+from phi4_pron import inference, predictions
 from phi4_pron.answer import questions_from_config
 from phi4_pron.bench.measure import GenerateTimes, compose, sync
 from phi4_pron.data import load_split
@@ -117,19 +119,26 @@ def main(argv: list[str]) -> None:
         save()
 
     uncropped, flash = inference.prompt_positions, inference.flash_prompt_attention
-    variants = flags.get("variants", "blocks,flash").split(",")
-    blocks = False
+    token_major, head_major = inference._compiled_rotary, torch.compile(inference._eager_rotary, dynamic=True)
+    parts = predictions.loader_part
+    variants = flags.get("variants", "flash,rotary,parts").split(",")
+    order = ["before", "crop", "blocks", "flash", "rotary", "parts"]  # each variant has what those before it have
+    blocks, rotary = False, None
     for k, name in enumerate(variants):
-        inference.prompt_positions = (
-            uncropped if name != "before" else lambda query, key, value, mask: (key, value, mask)
-        )
-        inference.flash_prompt_attention = flash if name == "flash" else efficient_attention
-        if name in ("blocks", "flash") and not blocks:
+        has = set(order[: order.index(name) + 1])
+        inference.prompt_positions = uncropped if "crop" in has else lambda query, key, value, mask: (key, value, mask)
+        inference.flash_prompt_attention = flash if "flash" in has else efficient_attention
+        inference._compiled_rotary = token_major if "rotary" in has else head_major
+        predictions.loader_part = parts if "parts" in has else lambda batch_size, num_workers: batch_size
+        if "blocks" in has and not blocks:
             print("compiled prompt blocks:", inference.compile_prompt_blocks(model), flush=True)
             blocks = True
             run(f"{name}: first run (compiles)")
         elif k == 0:
             run(f"{name}: first run (compiles)")
+        elif blocks and rotary != inference._compiled_rotary:  # another rotary graph: compiled on one APA batch
+            generate_from_batch(model, tokenizer, apa, [1] * len(apa["input_ids"]), apa_cache)
+        rotary = inference._compiled_rotary
         run(name)
         save()
         if k in (0, len(variants) - 1):

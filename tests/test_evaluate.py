@@ -31,7 +31,8 @@ def test_evaluate_writes_every_file_and_the_table(run_dir):
 
 
 def test_compiled_decoding_answers_as_the_dynamic_cache(run_dir):
-    """``eval.compile``'s path (static cache, longest prompts first, last batch filled up): the same answers."""
+    """``eval.compile``'s path (static cache, longest prompts first, last batch filled up) and batches collated in
+    parts by DataLoader workers: the same answers."""
     from phi4_pron.data import load_split
     from phi4_pron.inference import DECODE_ATTENTION, load_adapter_for_inference
     from phi4_pron.predictions import generate_records
@@ -48,6 +49,11 @@ def test_compiled_decoding_answers_as_the_dynamic_cache(run_dir):
     assert [r["id"] for r in compiled] == list(rows["id"])  # the padded last batch adds no record
     assert [r["raw"] for r in compiled] == [r["raw"] for r in eager]
     assert any(r["raw"]["apa"] for r in eager)
+    # two DataLoader workers: each batch of 3 collated in parts of 2 and 1 (predictions.loader_part), then joined
+    workers = generate_records(
+        model, tokenizer, fe, questions, rows, batch_size=3, max_new_tokens=12, progress=False, num_workers=2
+    )
+    assert [(r["id"], r["raw"]) for r in workers] == [(r["id"], r["raw"]) for r in eager]
 
 
 def test_a_questions_cap_cuts_its_answers_only(run_dir):
@@ -157,8 +163,8 @@ def test_left_padded_segments_give_each_row_its_own_causal_attention():
 
 
 def test_prompt_blocks_compute_what_phi4s_modules_compute(tiny_model_dir, monkeypatch):
-    """compile_prompt_blocks' RMSNorm and MLP are the modules' own functions; it leaves an unmerged LoRA model alone
-    and CPU tensors (what it compiles runs on a GPU only) on the eager code."""
+    """compile_prompt_blocks' RMSNorm, MLP and rotary embedding are Phi-4's own functions; it leaves an unmerged LoRA
+    model alone and CPU tensors (what it compiles runs on a GPU only) on the eager code."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers.models.phi4_multimodal import modeling_phi4_multimodal as phi4_modeling
@@ -178,6 +184,19 @@ def test_prompt_blocks_compute_what_phi4s_modules_compute(tiny_model_dir, monkey
     torch.testing.assert_close(
         inference.gated_mlp(h, layer.mlp.gate_up_proj.weight, layer.mlp.down_proj.weight), layer.mlp(h)
     )
+    # rotary, on q and k laid out as the qkv projection writes them: (batch, tokens, heads, dim) seen transposed
+    cfg = model.config
+    heads, kv_heads, dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
+    qkv = torch.randn(2, 5, (heads + 2 * kv_heads) * dim)
+    q = qkv[..., : heads * dim].view(2, 5, heads, dim).transpose(1, 2)
+    k = qkv[..., heads * dim : (heads + kv_heads) * dim].view(2, 5, kv_heads, dim).transpose(1, 2)
+    cos, sin = model.model.rotary_emb(h, torch.arange(5).expand(2, 5))
+    assert cos.shape[-1] < dim  # Phi-4 rotates part of each head (partial_rotary_factor)
+    for ours, theirs in zip(
+        inference.rotary_token_major(q, k, cos, sin), phi4_modeling.apply_rotary_pos_emb(q, k, cos, sin), strict=True
+    ):
+        torch.testing.assert_close(ours, theirs)
+        assert ours.transpose(1, 2).is_contiguous()  # as flash attention reads it: no copy
     lora = get_peft_model(model, LoraConfig(r=2, target_modules=["gate_up_proj"]))
     assert inference.compile_prompt_blocks(lora) == 0
     model = lora.unload()
