@@ -12,7 +12,8 @@ Stages, each written to $OUT/profile_eval.json as it ends (a call stopped at its
   (their own positions), ``blocks`` (and the prompt blocks compiled, the rotary embedding over transposed views),
   ``flash`` (and flash attention), ``rotary`` (and the rotary embedding in memory order), ``parts`` (and each batch
   collated in parts by the DataLoader workers: the code as ``evaluate`` runs it on a GPU).
-  ``--breakdown``: one more run of the last with every ``generate()`` call timed.
+  ``--decoding``: one APA batch's decoding steps, timed and profiled. ``--breakdown``: one more run of the last with
+  every ``generate()`` call timed.
 
     python scripts/profile_eval.py --model=DIR --data=DIR [--limit=N] [--variants=flash,rotary,parts] [--breakdown] \
         <evaluate overrides>
@@ -47,6 +48,8 @@ def breakdown(calls: list[dict]) -> dict:
         out[f"{name}_prefill_s"] = sum(c["prefill_s"] for c in group)
         out[f"{name}_decode_s"] = sum(c["decode_s"] for c in group)
         out[f"{name}_ms_per_step"] = 1000 * out[f"{name}_decode_s"] / max(1, sum(c["steps"] - 1 for c in group))
+        out[f"{name}_wait_s"] = sum(c["wait_s"] for c in group)  # before each call: loading, the loader, scoring
+    out["first_wait_s"] = calls[0]["wait_s"] if calls else 0.0
     return out
 
 
@@ -60,6 +63,24 @@ def profile_batch(model, tokenizer, batch, cache_len, label):
     total = sum(getattr(e, key) for e in events) / 1e6
     print(f"\n## {label}: one APA prompt batch, {total:.3f} s ({key})")
     print(events.table(sort_by=key, row_limit=20, max_name_column_width=70), flush=True)
+
+
+def profile_decoding(model, tokenizer, batch, cache_len, label, steps: int = 8):
+    """One APA batch answered with ``steps`` more tokens than its prompt's first: the decoding steps' share, timed
+    unsynchronised (as evaluation runs) and in torch's profiler."""
+    times = {}
+    for n in (1, 1 + steps, 1, 1 + steps):  # the second pair is timed
+        sync()
+        start = time.perf_counter()
+        generate_from_batch(model, tokenizer, batch, [n] * len(batch["input_ids"]), cache_len)
+        sync()
+        times[n] = time.perf_counter() - start
+    print(f"\n## {label}: {1000 * (times[1 + steps] - times[1]) / steps:.2f} ms a decoding step", flush=True)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        generate_from_batch(model, tokenizer, batch, [1 + steps] * len(batch["input_ids"]), cache_len)
+        sync()
+    print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=70))
+    return {"label": f"{label}: decoding", "ms_per_step": 1000 * (times[1 + steps] - times[1]) / steps}
 
 
 def main(argv: list[str]) -> None:
@@ -143,6 +164,9 @@ def main(argv: list[str]) -> None:
         save()
         if k in (0, len(variants) - 1):
             profile_batch(model, tokenizer, apa, apa_cache, name)
+    if "decoding" in flags:
+        results.append(profile_decoding(model, tokenizer, apa, apa_cache, variants[-1]))
+        save()
     if "breakdown" in flags:
         with GenerateTimes() as times:
             run(f"{variants[-1]}, every token synchronised")

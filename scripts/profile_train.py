@@ -10,6 +10,7 @@ True)``).
 
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -30,10 +31,14 @@ class Profile(TrainerCallback):
             torch.cuda.synchronize()
             self.prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
             self.prof.__enter__()
+            self.start = time.perf_counter()
         elif state.global_step == self.last and self.prof is not None:
             torch.cuda.synchronize()
+            wall = time.perf_counter() - self.start
             self.prof.__exit__(None, None, None)
             table = self.prof.key_averages()
+            busy = sum(e.self_device_time_total for e in table) / 1e6
+            print(f"{self.last - self.first} steps profiled: wall {wall:.3f} s, GPU kernels {busy:.3f} s")
             print(table.table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70))
             print(table.table(sort_by="cpu_time_total", row_limit=20, max_name_column_width=70))
 
