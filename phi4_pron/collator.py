@@ -6,7 +6,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from phi4_pron.answer import END, Question
 from phi4_pron.audio_cache import AUDIO_ROWS, AUDIO_SPAN
@@ -163,36 +162,6 @@ class PronunciationCollator:
         if self.with_answer:
             batch["labels"] = self._pad(label_seqs, IGNORE_INDEX)
         return {**batch, **audio}
-
-    def merge(self, batches: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        """One batch of batches this collator made of consecutive rows: the batch it makes of all those rows at once
-        (token columns padded on its side, audio frames on the right), so DataLoader workers can each collate a part."""
-        if len(batches) == 1:
-            return batches[0]
-        width = max(b["input_ids"].shape[1] for b in batches)
-        left = self.padding_side == "left"
-
-        def tokens(key: str, value: int) -> torch.Tensor:
-            pads = [(width - b[key].shape[1], 0) if left else (0, width - b[key].shape[1]) for b in batches]
-            return torch.cat([F.pad(b[key], pad, value=value) for b, pad in zip(batches, pads, strict=True)])
-
-        out = {"input_ids": tokens("input_ids", self.pad_token_id), "attention_mask": tokens("attention_mask", 0)}
-        if "labels" in batches[0]:
-            out["labels"] = tokens("labels", IGNORE_INDEX)
-        if AUDIO_ROWS in batches[0]:
-            return {**out, AUDIO_ROWS: torch.cat([b[AUDIO_ROWS] for b in batches])}
-        features = [b["audio_input_features"] for b in batches]
-        frames = max(f.shape[1] for f in features)
-        masks = [
-            b.get("audio_attention_mask", torch.ones(f.shape[:2], dtype=torch.bool))
-            for b, f in zip(batches, features, strict=True)
-        ]
-        return {
-            **out,
-            "audio_input_features": torch.cat([F.pad(f, (0, 0, 0, frames - f.shape[1])) for f in features]),
-            "audio_embed_sizes": torch.cat([b["audio_embed_sizes"] for b in batches]),
-            "audio_attention_mask": torch.cat([F.pad(m, (0, frames - m.shape[1])) for m in masks]),
-        }
 
     def _pad(self, seqs: list[list[int]], value: int) -> torch.Tensor:
         width = self.padded_length(max(len(s) for s in seqs))

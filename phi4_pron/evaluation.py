@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from phi4_pron.answer import Question, questions_from_config
 from phi4_pron.data import load_split
-from phi4_pron.inference import compile_prompt_blocks, load_adapter_for_inference, token_major_static_cache
+from phi4_pron.inference import compile_prompt_blocks, load_adapter_for_inference
 from phi4_pron.modeling import ModelPathError
 from phi4_pron.predictions import HEADLINE, evaluate_model, read_predictions, reparse, score, task_info, write_results
 from phi4_pron.report import write_table3
@@ -74,7 +74,6 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
     compiled = hardware.compile if cfg.eval.compile is None else cfg.eval.compile
     if compiled and model.device.type == "cuda":
         log.info("prompt blocks compiled: %d modules", compile_prompt_blocks(model))
-        token_major_static_cache()
     task_cfg = cfg.task or trained.task
     if cfg.task is not None:
         questions = questions_from_config(cfg.task)

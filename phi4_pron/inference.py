@@ -10,7 +10,6 @@ from typing import Any
 
 import torch
 from transformers import AttentionInterface
-from transformers.cache_utils import StaticLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.models.phi4_multimodal import modeling_phi4_multimodal as phi4_modeling
@@ -96,53 +95,6 @@ def uses_flash(module, query, attention_mask) -> bool:
     )
 
 
-def decode_key_segments(attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """For one decoding step over a left-padded batch's static cache (boolean mask (batch, 1, 1, positions), True:
-    attends), flash attention's key segments over the cache read as one sequence of batch x positions: each row's
-    first attended position (int32, one more entry: the end) and how many it attends (int32). A row attends one
-    contiguous run of positions: its prompt (after its padding) and the answer so far."""
-    row = attention_mask[:, 0, -1]
-    positions = row.shape[-1]
-    first = row.to(torch.int32).argmax(-1).to(torch.int32)  # its padding's width
-    used = row.sum(-1, dtype=torch.int32)
-    starts = torch.arange(row.shape[0], device=row.device, dtype=torch.int32) * positions + first
-    return torch.cat([starts, starts[-1:] + used[-1:]]), used
-
-
-def flash_decode_attention(module, query, key, value, attention_mask, scaling=None):
-    """One decoding step's attention through flash attention, over each row's attended cache positions only
-    (:func:`decode_key_segments`). The static cache must be token-major (:func:`token_major_static_cache`), so flash
-    reads it as it lies; a key/value head's query heads go in together as three query tokens, so its cache is read
-    once. SDPA's memory-efficient kernel reads every position of the cache, padding and the unwritten end included:
-    12.2 of an APA decoding step's 15.8 ms on an H200 (experiments/benchmarks/eval.md)."""
-    batch, heads, _, dim = query.shape
-    kv_heads, positions = key.shape[1], key.shape[2]
-    groups = heads // kv_heads
-    segments, used = decode_key_segments(attention_mask)
-    q = query.reshape(batch, kv_heads, groups, dim).transpose(1, 2).reshape(batch * groups, kv_heads, dim)
-    q_segments = torch.arange(0, batch * groups + 1, groups, device=query.device, dtype=torch.int32)
-    out = torch.ops.aten._flash_attention_forward(
-        q,
-        key.transpose(1, 2).reshape(batch * positions, kv_heads, dim),
-        value.transpose(1, 2).reshape(batch * positions, kv_heads, dim),
-        q_segments,
-        segments,
-        groups,
-        positions,
-        0.0,
-        False,
-        False,
-        scale=scaling,
-        seqused_k=used,
-    )[0]
-    return out.view(batch, groups, kv_heads, dim).transpose(1, 2).reshape(batch, 1, heads, dim), None
-
-
-def token_major(t: torch.Tensor) -> bool:
-    """A (batch, heads, tokens, dim) tensor whose memory is (batch, tokens, heads, dim), as flash attention reads it."""
-    return t.transpose(1, 2).is_contiguous()
-
-
 def sdpa_packed_decode(module, query, key, value, attention_mask, scaling=None, **kwargs):
     """SDPA for generation. A prompt attends to its own positions only (:func:`prompt_positions`; ``sdpa`` crops the
     empty cache only where no mask is needed, so not for padded batches), through flash attention where
@@ -159,8 +111,6 @@ def sdpa_packed_decode(module, query, key, value, attention_mask, scaling=None, 
             return flash_prompt_attention(module, query, key, value, attention_mask, scaling)
     if q_len != 1 or groups == 1 or not plain:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
-    if uses_flash(module, query, attention_mask) and token_major(key) and token_major(value):
-        return flash_decode_attention(module, query, key, value, attention_mask, scaling)
     batch, heads, _, dim = query.shape
     out = torch.nn.functional.scaled_dot_product_attention(
         query.reshape(batch, heads // groups, groups, dim), key, value, attn_mask=attention_mask, scale=scaling
@@ -185,23 +135,9 @@ def gated_mlp(hidden: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -
 
 
 _eager_rotary = phi4_modeling.apply_rotary_pos_emb
-
-
-def rotary_token_major(q, k, cos, sin, unsqueeze_dim=1):
-    """transformers' rotary embedding of (batch, heads, tokens, dim) ``q`` and ``k`` computed over their memory's
-    own order: the projection writes each token's heads side by side, so ``q`` and ``k`` are (batch, tokens, heads,
-    dim) tensors seen transposed. Computed in that order, reads and writes run along the head dimension (through the
-    transposed view, the compiled kernel wrote across tokens: 0.32 s of an APA batch's 2.66 s on an H200), and the
-    results, the same transposed views again, are what flash attention reads without a copy."""
-    if unsqueeze_dim != 1:
-        return _eager_rotary(q, k, cos, sin, unsqueeze_dim)
-    q_embed, k_embed = _eager_rotary(q.transpose(1, 2), k.transpose(1, 2), cos, sin, unsqueeze_dim=2)
-    return q_embed.transpose(1, 2), k_embed.transpose(1, 2)
-
-
 # compiled on first use, one dynamic-shape graph each, shared by every layer
 _compiled_norm, _compiled_mlp, _compiled_rotary = (
-    torch.compile(f, dynamic=True) for f in (rms_norm, gated_mlp, rotary_token_major)
+    torch.compile(f, dynamic=True) for f in (rms_norm, gated_mlp, _eager_rotary)
 )
 
 
@@ -211,19 +147,18 @@ def is_prompt(hidden: torch.Tensor, seq_dim: int = 1) -> bool:
 
 
 def _prompt_rotary(q, k, cos, sin, unsqueeze_dim=1):
-    """transformers' rotary embedding, for prompts (:func:`is_prompt`) compiled in memory order
-    (:func:`rotary_token_major`)."""
+    """transformers' own rotary embedding, compiled for prompts (:func:`is_prompt`)."""
     rotary = _compiled_rotary if is_prompt(q, seq_dim=2) else _eager_rotary
     return rotary(q, k, cos, sin, unsqueeze_dim)
 
 
 def compile_prompt_blocks(model) -> int:
     """Prompts (:func:`is_prompt`) run every RMSNorm and MLP of the decoder as two compiled graphs shared by all
-    layers, and the rotary embedding as a third (:func:`rotary_token_major`; transformers' function is replaced in
-    its module by one that calls it for prompts); one-token steps keep the eager code, which transformers compiles
-    whole with a static cache. The decoder layers themselves cannot be compiled for prompts as one graph: each
-    indexes the cache by its number. For a merged model (LoRA folded in), as evaluation loads it. Returns how many
-    modules run compiled (0: left as it is: not Phi-4's MLP, or LoRA layers not merged).
+    layers, and the rotary embedding as a third (transformers' function, replaced in its module by one that calls the
+    compiled copy for prompts); one-token steps keep the eager code, which transformers compiles whole with a static
+    cache. The decoder layers themselves cannot be compiled for prompts as one graph: each indexes the cache by its
+    number. For a merged model (LoRA folded in), as evaluation loads it. Returns how many modules run compiled (0:
+    left as it is: not Phi-4's MLP, or LoRA layers not merged).
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     decoder = base.model
@@ -249,25 +184,6 @@ def compile_prompt_blocks(model) -> int:
         mlp.forward = prompt_mlp(mlp)
     phi4_modeling.apply_rotary_pos_emb = _prompt_rotary
     return len(norms) + len(mlps)
-
-
-_static_layer_init = StaticLayer.lazy_initialization
-
-
-def _token_major_init(layer: StaticLayer, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-    _static_layer_init(layer, key_states, value_states)
-    for name in ("keys", "values"):
-        batch, heads, positions, dim = getattr(layer, name).shape
-        setattr(layer, name, getattr(layer, name).new_zeros(batch, positions, heads, dim).transpose(1, 2))
-        if not torch.compiler.is_compiling():
-            torch._dynamo.mark_static_address(getattr(layer, name))
-
-
-def token_major_static_cache() -> None:
-    """Static caches (transformers' ``StaticLayer``) allocated token-major: keys and values (batch, tokens, heads,
-    dim) in memory, seen as transformers' (batch, heads, tokens, dim), so a decoding step's attention can take
-    :func:`flash_decode_attention`. For the process; everything that reads a cache reads it through its shape."""
-    StaticLayer.lazy_initialization = _token_major_init
 
 
 def load_adapter_for_inference(

@@ -83,12 +83,6 @@ class _CollateOrError:
             return meta, e
 
 
-def loader_part(batch_size: int, num_workers: int) -> int:
-    """Prompts a DataLoader worker collates at a time: a batch spread over all workers, so the first batch is ready
-    after one worker's share of it, not after one worker's whole batch (256 recordings, seconds on a CPU core)."""
-    return -(-batch_size // max(1, num_workers))
-
-
 def generate_records(
     model,
     tokenizer,
@@ -108,8 +102,7 @@ def generate_records(
     Every question of every recording is one prompt. Prompts are batched question by question, longest first
     (token counts from the recordings' headers), so a batch carries little padding and stops at its question's
     answer budget (:meth:`Question.answer_budget`: an APA batch after a few dozen tokens). ``num_workers``
-    DataLoader processes decode and featurize the next batches while the GPU generates, each a part of a batch
-    (:func:`loader_part`), joined by :meth:`PronunciationCollator.merge`.
+    DataLoader processes decode and featurize the next batches while the GPU generates.
     ``compiled``: a static cache and compiled decoding steps (:func:`inference.generate_from_batch`), compiled once
     per question: each question's batches share one cache length (the questions in ascending order of it, since
     transformers only ever lengthens a static cache) and one batch size (its last batch filled up with repeats).
@@ -135,27 +128,22 @@ def generate_records(
     index_batches = [b for _, batches in groups for b in batches]
     cache_lens = [cache_len for cache_len, batches in groups for _ in batches]
     forget_static_cache_length(model)
-    part = loader_part(batch_size, num_workers)
     loader = DataLoader(
         prompts,
-        batch_sampler=[b[i : i + part] for b in index_batches for i in range(0, len(b), part)],
+        batch_sampler=index_batches,
         collate_fn=_CollateOrError(collator),
         num_workers=num_workers,
+        pin_memory=torch.cuda.is_available(),
     )
-    parts = iter(loader)
     answers: list[str | Exception | None] = [None] * len(prompts)
     meta: list[dict[str, Any] | None] = [None] * n
     bar = tqdm(total=len(prompts), desc="evaluating", unit="prompt", disable=not progress)
-    for k, (indices, cache_len) in enumerate(zip(index_batches, cache_lens, strict=True)):
+    for k, (indices, cache_len, (rows, batch)) in enumerate(zip(index_batches, cache_lens, loader, strict=True)):
         if k and cache_len != cache_lens[k - 1] and torch.cuda.is_available():
             torch.cuda.empty_cache()  # the shorter cache's freed blocks back to the card before the longer one
-        pieces = [next(parts) for _ in range(0, len(indices), part)]
-        rows = [r for piece_rows, _ in pieces for r in piece_rows]
         try:
-            failed = [b for _, b in pieces if isinstance(b, Exception)]
-            if failed:
-                raise failed[0]
-            batch = collator.merge([b for _, b in pieces])
+            if isinstance(batch, Exception):
+                raise batch
             out: list[str | Exception] = generate_from_batch(
                 model, tokenizer, batch, [budget[j] for j in indices], cache_len
             )

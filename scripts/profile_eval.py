@@ -9,14 +9,11 @@ Stages, each written to $OUT/profile_eval.json as it ends (a call stopped at its
 - variants over the split's first ``--limit`` recordings (``generate_records``, as ``evaluate`` calls it), after a
   first run that compiles; answers compared with the first variant's. ``--variants`` picks them, in order:
   ``before`` (prompts attend to the whole static cache, no prompt blocks, memory-efficient attention), ``crop``
-  (their own positions), ``blocks`` (and the prompt blocks compiled, the rotary embedding over transposed views),
-  ``flash`` (and flash attention), ``rotary`` (and the rotary embedding in memory order), ``parts`` (and each batch
-  collated in parts by the DataLoader workers), ``decode`` (and decoding steps through flash attention over a
-  token-major static cache: the code as ``evaluate`` runs it on a GPU).
-  ``--decoding``: one APA batch's decoding steps, timed and profiled. ``--breakdown``: one more run of the last with
-  every ``generate()`` call timed.
+  (their own positions), ``blocks`` (and the prompt blocks compiled), ``flash`` (and flash attention: the code as
+  ``evaluate`` runs it on a GPU). ``--decoding``: one APA batch's decoding steps, timed and profiled.
+  ``--breakdown``: one more run of the last with every ``generate()`` call timed.
 
-    python scripts/profile_eval.py --model=DIR --data=DIR [--limit=N] [--variants=flash,rotary,parts] [--breakdown] \
+    python scripts/profile_eval.py --model=DIR --data=DIR [--limit=N] [--variants=blocks,flash] [--breakdown] \
         <evaluate overrides>
 
 The base model stands for the trained one: a merged adapter has its structure, and weights do not change the speed.
@@ -30,10 +27,9 @@ from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
-from transformers.cache_utils import StaticLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from phi4_pron import inference, predictions
+from phi4_pron import inference
 from phi4_pron.answer import questions_from_config
 from phi4_pron.bench.measure import GenerateTimes, compose, sync
 from phi4_pron.data import load_split
@@ -142,32 +138,19 @@ def main(argv: list[str]) -> None:
         save()
 
     uncropped, flash = inference.prompt_positions, inference.flash_prompt_attention
-    token_major, head_major = inference._compiled_rotary, torch.compile(inference._eager_rotary, dynamic=True)
-    parts = predictions.loader_part
-    variants = flags.get("variants", "flash,rotary,parts").split(",")
-    order = ["before", "crop", "blocks", "flash", "rotary", "parts", "decode"]  # each has what those before it have
-    head_major_cache = StaticLayer.lazy_initialization
-    blocks, rotary = False, None
+    variants = flags.get("variants", "blocks,flash").split(",")
+    blocks = False
     for k, name in enumerate(variants):
-        has = set(order[: order.index(name) + 1])
-        inference.prompt_positions = uncropped if "crop" in has else lambda query, key, value, mask: (key, value, mask)
-        inference.flash_prompt_attention = flash if "flash" in has else efficient_attention
-        inference._compiled_rotary = token_major if "rotary" in has else head_major
-        predictions.loader_part = parts if "parts" in has else lambda batch_size, num_workers: batch_size
-        StaticLayer.lazy_initialization = head_major_cache
-        if "decode" in has:
-            inference.token_major_static_cache()
-        if "blocks" in has and not blocks:
+        inference.prompt_positions = (
+            uncropped if name != "before" else lambda query, key, value, mask: (key, value, mask)
+        )
+        inference.flash_prompt_attention = flash if name == "flash" else efficient_attention
+        if name in ("blocks", "flash") and not blocks:
             print("compiled prompt blocks:", inference.compile_prompt_blocks(model), flush=True)
             blocks = True
             run(f"{name}: first run (compiles)")
         elif k == 0:
             run(f"{name}: first run (compiles)")
-        elif blocks and rotary != inference._compiled_rotary:  # another rotary graph: compiled on one APA batch
-            generate_from_batch(model, tokenizer, apa, [1] * len(apa["input_ids"]), apa_cache)
-        elif name == "decode":
-            run(f"{name}: first run (compiles the decoding steps again)")
-        rotary = inference._compiled_rotary
         run(name)
         save()
         if k in (0, len(variants) - 1):
@@ -218,33 +201,11 @@ def check_attention(device: str) -> dict:
         sync()
         times[f"{name}_ms"] = round(100 * (time.perf_counter() - start), 3)
     finite = bool(torch.isfinite(out).all())
-    # one decoding step at APA's decoding shape: flash over a token-major cache against SDPA under the mask
-    cache, now = 640, width + 10
-    q1 = torch.randn(batch, 24, 1, 128, device=device, dtype=torch.bfloat16)
-    kc, vc = (torch.randn(batch, cache, 8, 128, device=device, dtype=torch.bfloat16).transpose(1, 2) for _ in range(2))
-    pos = torch.arange(cache, device=device)
-    step_mask = ((pos[None] >= (width - lengths)[:, None]) & (pos[None] <= now))[:, None, None]
-    decode = {
-        "sdpa": lambda: sdpa_attention_forward(module, q1, kc, vc, step_mask, scaling=128**-0.5)[0],
-        "flash": lambda: inference.flash_decode_attention(module, q1, kc, vc, step_mask, scaling=128**-0.5)[0],
-    }
-    decode_diff = (decode["flash"]() - decode["sdpa"]()).abs().max().item()
-    for name, fn in decode.items():
-        for _ in range(2):
-            fn()
-        sync()
-        start = time.perf_counter()
-        for _ in range(10):
-            fn()
-        sync()
-        times[f"decode_{name}_ms"] = round(100 * (time.perf_counter() - start), 3)
     return {
         "label": "attention",
         "shape": [batch, 24, width, 128],
         "max_abs_diff_real": diff,
         "finite": finite,
-        "decode_cache": cache,
-        "decode_max_abs_diff": decode_diff,
         **times,
     }
 

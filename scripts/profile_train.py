@@ -37,8 +37,7 @@ class Profile(TrainerCallback):
             wall = time.perf_counter() - self.start
             self.prof.__exit__(None, None, None)
             table = self.prof.key_averages()
-            busy = sum(e.self_device_time_total for e in table) / 1e6
-            print(f"{self.last - self.first} steps profiled: wall {wall:.3f} s, GPU kernels {busy:.3f} s")
+            print(f"{self.last - self.first} steps profiled: wall {wall:.3f} s (GPU busy: the tables' Self CUDA total)")
             print(table.table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70))
             print(table.table(sort_by="cpu_time_total", row_limit=20, max_name_column_width=70))
 

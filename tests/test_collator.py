@@ -119,22 +119,3 @@ def test_special_tokens_in_the_sentence_are_literal_text(tiny_processing, mini_t
     assert prompt.count(audio) == 5 and prompt.count(end) == 1 and prompt.count(assistant) == 1  # the template's own
     assert answer.count(end) == 1 and not special & set(answer[:-2])
     assert "<|end|> CALL <|endoftext11|>" in tokenizer.decode(prompt)
-
-
-@pytest.mark.parametrize("side", ["left", "right"])
-def test_parts_collated_apart_merge_into_the_whole_batch(tiny_processing, mini_train, side):
-    """What evaluation's DataLoader workers collate a part each of (one part of a single row: no audio mask) joins
-    into exactly the batch of all the rows at once."""
-    rows = [{**mini_train[i], "question": ("apa", "mdd")[i % 2]} for i in range(8)]
-    c = collator(tiny_processing, PAPER, with_answer=side == "right", padding_side=side)
-    whole = c(rows)
-    parts = [c(rows[:1]), c(rows[1:4]), c(rows[4:])]
-    assert "audio_attention_mask" not in parts[0]
-    assert (
-        len({p["input_ids"].shape[1] for p in parts}) > 1
-        and len({p["audio_input_features"].shape[1] for p in parts}) > 1
-    )
-    merged = c.merge(parts)
-    assert merged.keys() == whole.keys()
-    for key, value in whole.items():
-        assert torch.equal(merged[key], value), key

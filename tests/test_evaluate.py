@@ -31,8 +31,7 @@ def test_evaluate_writes_every_file_and_the_table(run_dir):
 
 
 def test_compiled_decoding_answers_as_the_dynamic_cache(run_dir):
-    """``eval.compile``'s path (static cache, longest prompts first, last batch filled up) and batches collated in
-    parts by DataLoader workers: the same answers."""
+    """``eval.compile``'s path (static cache, longest prompts first, last batch filled up): the same answers."""
     from phi4_pron.data import load_split
     from phi4_pron.inference import DECODE_ATTENTION, load_adapter_for_inference
     from phi4_pron.predictions import generate_records
@@ -49,11 +48,6 @@ def test_compiled_decoding_answers_as_the_dynamic_cache(run_dir):
     assert [r["id"] for r in compiled] == list(rows["id"])  # the padded last batch adds no record
     assert [r["raw"] for r in compiled] == [r["raw"] for r in eager]
     assert any(r["raw"]["apa"] for r in eager)
-    # two DataLoader workers: each batch of 3 collated in parts of 2 and 1 (predictions.loader_part), then joined
-    workers = generate_records(
-        model, tokenizer, fe, questions, rows, batch_size=3, max_new_tokens=12, progress=False, num_workers=2
-    )
-    assert [(r["id"], r["raw"]) for r in workers] == [(r["id"], r["raw"]) for r in eager]
 
 
 def test_a_questions_cap_cuts_its_answers_only(run_dir):
@@ -162,75 +156,9 @@ def test_left_padded_segments_give_each_row_its_own_causal_attention():
     assert torch.isfinite(out).all()
 
 
-def test_decoding_attends_each_rows_own_cache_positions(monkeypatch):
-    """flash_decode_attention's key segments by hand, and the whole function with flash's varlen kernel emulated on
-    the CPU (segment b: its queries, keys cu_k[b] to cu_k[b] + used[b]): SDPA under the mask over the full cache."""
-    import torch
-
-    from phi4_pron import inference
-
-    cache, current = 6, 4  # positions 0-4 written
-    pads = [0, 2, 1]
-    pos = torch.arange(cache)
-    mask = ((pos[None] >= torch.tensor(pads)[:, None]) & (pos[None] <= current))[:, None, None]
-    segments, used = inference.decode_key_segments(mask)
-    assert segments.tolist() == [0, 8, 13, 17] and used.tolist() == [5, 3, 4]
-    assert segments.dtype == used.dtype == torch.int32
-
-    def varlen(q, k, v, cu_q, cu_k, max_q, max_k, dropout, causal, debug, scale=None, seqused_k=None):
-        assert not causal and max_q == cu_q[1] - cu_q[0]
-        rows = [
-            torch.nn.functional.scaled_dot_product_attention(
-                *(t.transpose(0, 1) for t in (q[cu_q[b] : cu_q[b + 1]], k[a : a + n], v[a : a + n])), scale=scale
-            ).transpose(0, 1)
-            for b, (a, n) in enumerate(zip(cu_k[:-1].tolist(), seqused_k.tolist(), strict=True))
-        ]
-        return torch.cat(rows), None, None, None, None
-
-    monkeypatch.setattr(torch.ops.aten, "_flash_attention_forward", varlen)
-    torch.manual_seed(0)
-    query = torch.randn(3, 6, 1, 8)  # 6 query heads on 2 key/value heads
-    key, value = (torch.randn(3, cache, 2, 8).transpose(1, 2) for _ in range(2))  # token-major, as the cache is
-    assert inference.token_major(key) and not inference.token_major(key.contiguous())
-    out, _ = inference.flash_decode_attention(None, query, key, value, mask, scaling=0.3)
-    ref = torch.nn.functional.scaled_dot_product_attention(
-        query, key, value, attn_mask=mask, scale=0.3, enable_gqa=True
-    ).transpose(1, 2)
-    assert out.shape == (3, 1, 6, 8)
-    torch.testing.assert_close(out, ref)
-
-
-def test_a_token_major_static_cache_answers_the_same(tiny_model_dir, mini_train, monkeypatch):
-    """token_major_static_cache: the cache's tensors are (batch, tokens, heads, dim) in memory, the answers the same."""
-    import torch
-    from conftest import task_questions
-    from transformers.cache_utils import StaticLayer
-
-    from phi4_pron import inference
-    from phi4_pron.modeling import load_base_model, load_tokenizer_and_features
-
-    monkeypatch.setattr(StaticLayer, "lazy_initialization", StaticLayer.lazy_initialization)
-    model = load_base_model(str(tiny_model_dir), None, torch.float32, "sdpa").eval()
-    model.set_attn_implementation(inference.DECODE_ATTENTION)
-    tokenizer, fe = load_tokenizer_and_features(str(tiny_model_dir))
-    rows = [{**mini_train[i], "question": ("apa", "mdd")[i % 2]} for i in range(3)]
-    batch = inference.generation_collator(tokenizer, fe, task_questions("paper"))(rows)
-    cache_len = inference.static_cache_len(batch["input_ids"].shape[1], 6)
-    layers = []
-    monkeypatch.setattr(
-        StaticLayer, "update", lambda self, *a, _u=StaticLayer.update, **k: layers.append(self) or _u(self, *a, **k)
-    )
-    before = inference.generate_from_batch(model, tokenizer, batch, [6] * 3, cache_len)
-    assert not inference.token_major(layers[-1].keys)
-    inference.token_major_static_cache()
-    after = inference.generate_from_batch(model, tokenizer, batch, [6] * 3, cache_len)
-    assert inference.token_major(layers[-1].keys) and inference.token_major(layers[-1].values)
-    assert after == before and any(before)
-
-
 def test_prompt_blocks_compute_what_phi4s_modules_compute(tiny_model_dir, monkeypatch):
-    """compile_prompt_blocks' RMSNorm, MLP and rotary embedding are Phi-4's own functions; it leaves an unmerged LoRA
-    model alone and CPU tensors (what it compiles runs on a GPU only) on the eager code."""
+    """compile_prompt_blocks' RMSNorm and MLP are the modules' own functions; it leaves an unmerged LoRA model alone
+    and CPU tensors (what it compiles runs on a GPU only) on the eager code."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers.models.phi4_multimodal import modeling_phi4_multimodal as phi4_modeling
@@ -250,19 +178,6 @@ def test_prompt_blocks_compute_what_phi4s_modules_compute(tiny_model_dir, monkey
     torch.testing.assert_close(
         inference.gated_mlp(h, layer.mlp.gate_up_proj.weight, layer.mlp.down_proj.weight), layer.mlp(h)
     )
-    # rotary, on q and k laid out as the qkv projection writes them: (batch, tokens, heads, dim) seen transposed
-    cfg = model.config
-    heads, kv_heads, dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
-    qkv = torch.randn(2, 5, (heads + 2 * kv_heads) * dim)
-    q = qkv[..., : heads * dim].view(2, 5, heads, dim).transpose(1, 2)
-    k = qkv[..., heads * dim : (heads + kv_heads) * dim].view(2, 5, kv_heads, dim).transpose(1, 2)
-    cos, sin = model.model.rotary_emb(h, torch.arange(5).expand(2, 5))
-    assert cos.shape[-1] < dim  # Phi-4 rotates part of each head (partial_rotary_factor)
-    for ours, theirs in zip(
-        inference.rotary_token_major(q, k, cos, sin), phi4_modeling.apply_rotary_pos_emb(q, k, cos, sin), strict=True
-    ):
-        torch.testing.assert_close(ours, theirs)
-        assert ours.transpose(1, 2).is_contiguous()  # as flash attention reads it: no copy
     lora = get_peft_model(model, LoraConfig(r=2, target_modules=["gate_up_proj"]))
     assert inference.compile_prompt_blocks(lora) == 0
     model = lora.unload()
