@@ -3,7 +3,8 @@ FlexAttention's block-sparse decoding would save over what ``evaluate`` runs now
 head-major cache, the query heads packed onto their key/value heads: ``inference.sdpa_packed_decode``).
 
 Rows are left-padded prompts of ``--width`` positions (the real lengths spread from half of it to all of it), at the
-step ``--step`` of their answers, in a cache of ``--cache`` positions; times are per layer call.
+step ``--step`` of their answers, in a cache of ``--cache`` positions; times are per layer call. Needs torch alone
+(the lent GPU machine runs it without the carried wheels).
 
     python scripts/decode_attention.py [--batch=256] [--width=576] [--step=12] [--cache=640]
 """

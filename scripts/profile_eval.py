@@ -13,8 +13,8 @@ Stages, each written to $OUT/profile_eval.json as it ends (a call stopped at its
   ``evaluate`` runs it on a GPU). ``--decoding``: one APA batch's decoding steps, timed and profiled.
   ``--breakdown``: one more run of the last with every ``generate()`` call timed.
 
-    python scripts/profile_eval.py --model=DIR --data=DIR [--limit=N] [--variants=blocks,flash] [--breakdown] \
-        <evaluate overrides>
+    python scripts/profile_eval.py --model=DIR --data=DIR [--limit=N] [--variants=blocks,flash] [--decoding] \
+        [--breakdown] <evaluate overrides>
 
 The base model stands for the trained one: a merged adapter has its structure, and weights do not change the speed.
 """
