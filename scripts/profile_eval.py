@@ -51,15 +51,15 @@ def breakdown(calls: list[dict]) -> dict:
     return out
 
 
-def profile_batch(model, tokenizer, batch, cache_len, label):
+def profile_batch(model, tokenizer, batch, cache_len, label, tokens: int = 1):
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     with profile(activities=activities) as prof:
-        generate_from_batch(model, tokenizer, batch, [1] * len(batch["input_ids"]), cache_len)
+        generate_from_batch(model, tokenizer, batch, [tokens] * len(batch["input_ids"]), cache_len)
         sync()
     events = prof.key_averages()
     key = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
     total = sum(getattr(e, key) for e in events) / 1e6
-    print(f"\n## {label}: one APA prompt batch, {total:.3f} s ({key})")
+    print(f"\n## {label}: one APA prompt batch, {tokens} token(s) each, {total:.3f} s ({key})")
     print(events.table(sort_by=key, row_limit=20, max_name_column_width=70), flush=True)
 
 
@@ -73,12 +73,10 @@ def profile_decoding(model, tokenizer, batch, cache_len, label, steps: int = 8):
         generate_from_batch(model, tokenizer, batch, [n] * len(batch["input_ids"]), cache_len)
         sync()
         times[n] = time.perf_counter() - start
-    print(f"\n## {label}: {1000 * (times[1 + steps] - times[1]) / steps:.2f} ms a decoding step", flush=True)
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        generate_from_batch(model, tokenizer, batch, [1 + steps] * len(batch["input_ids"]), cache_len)
-        sync()
-    print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=70))
-    return {"label": f"{label}: decoding", "ms_per_step": 1000 * (times[1 + steps] - times[1]) / steps}
+    ms_per_step = 1000 * (times[1 + steps] - times[1]) / steps
+    print(f"\n## {label}: {ms_per_step:.2f} ms a decoding step", flush=True)
+    profile_batch(model, tokenizer, batch, cache_len, label, tokens=1 + steps)
+    return {"label": f"{label}: decoding", "ms_per_step": ms_per_step}
 
 
 def main(argv: list[str]) -> None:

@@ -24,7 +24,7 @@ from phi4_pron.training import run_training
 
 class Profile(TrainerCallback):
     def __init__(self, first: int = 3, steps: int = 2):
-        self.first, self.last, self.prof = first, first + steps, None
+        self.first, self.last, self.prof, self.start = first, first + steps, None, 0.0
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step == self.first:
