@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 from collections.abc import Iterator, Sequence
@@ -10,6 +11,7 @@ from typing import Any
 
 import torch
 from transformers import AttentionInterface
+from transformers.generation import utils as generation_utils
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.models.phi4_multimodal import modeling_phi4_multimodal as phi4_modeling
@@ -274,6 +276,28 @@ def forget_static_cache_length(model) -> None:
             del m._previous_max_cache_length
 
 
+def _deferred_where_safe(device, cache, cache_is_returned, is_assistant) -> bool:
+    """transformers' own condition for deferring the stop check (``DeferredStopCheck.is_supported``), on CUDA too."""
+    if device.type != "cuda" or is_assistant:
+        return False
+    return cache is None or cache.is_croppable or not cache_is_returned
+
+
+@contextlib.contextmanager
+def stop_check_one_step_late():
+    """Let ``generate`` on a GPU learn that every row has finished one step late, as it does on Apple's MPS only
+    (``DeferredStopCheck``: "we should enable it for cuda if we observe perf gains"). Otherwise it waits for the GPU
+    at every step (``unfinished_sequences.max() == 0``) and the GPU waits while the host prepares the next step; at
+    worst one step more is computed, and dropped. The answers are the same."""
+    deferred = generation_utils.DeferredStopCheck
+    original = deferred.__dict__["is_supported"]
+    deferred.is_supported = staticmethod(_deferred_where_safe)
+    try:
+        yield
+    finally:
+        deferred.is_supported = original
+
+
 @torch.inference_mode()
 def generate_from_batch(
     model,
@@ -292,20 +316,21 @@ def generate_from_batch(
     device = next(model.parameters()).device
     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
     extra = {"cache_implementation": "static", "max_cache_len": cache_len} if cache_len else {}
-    out = model.generate(
-        **batch,
-        max_new_tokens=max(budgets),
-        do_sample=False,
-        eos_token_id=[tokenizer.convert_tokens_to_ids(END), tokenizer.eos_token_id],
-        pad_token_id=pad_token_id(tokenizer),
-        # generate's default (1) slices the prompt's last position as a strided view, which the LM head multiplies
-        # as a batched matmul reading the whole 200k-token weight once per row (0.1 s a batch of 256); an index
-        # tensor copies the positions first, and the LM head is one matmul.
-        logits_to_keep=torch.tensor([-1], device=device),
-        # an answer never holds a modality placeholder: one generated would be read as audio at the next step
-        suppress_tokens=placeholder_ids(model.config),
-        **extra,
-    )
+    with stop_check_one_step_late():
+        out = model.generate(
+            **batch,
+            max_new_tokens=max(budgets),
+            do_sample=False,
+            eos_token_id=[tokenizer.convert_tokens_to_ids(END), tokenizer.eos_token_id],
+            pad_token_id=pad_token_id(tokenizer),
+            # generate's default (1) slices the prompt's last position as a strided view, which the LM head multiplies
+            # as a batched matmul reading the whole 200k-token weight once per row (0.1 s a batch of 256); an index
+            # tensor copies the positions first, and the LM head is one matmul.
+            logits_to_keep=torch.tensor([-1], device=device),
+            # an answer never holds a modality placeholder: one generated would be read as audio at the next step
+            suppress_tokens=placeholder_ids(model.config),
+            **extra,
+        )
     answers = out[:, batch["input_ids"].shape[1] :]
     return [tokenizer.decode(a[:n], skip_special_tokens=True) for a, n in zip(answers, budgets, strict=True)]
 

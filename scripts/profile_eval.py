@@ -10,7 +10,9 @@ Stages, each written to $OUT/profile_eval.json as it ends (a call stopped at its
   first run that compiles; answers compared with the first variant's. ``--variants`` picks them, in order:
   ``before`` (prompts attend to the whole static cache, no prompt blocks, memory-efficient attention), ``crop``
   (their own positions), ``blocks`` (and the prompt blocks compiled), ``flash`` (and flash attention: the code as
-  ``evaluate`` runs it on a GPU). ``--decoding``: one APA batch's decoding steps, timed and profiled.
+  ``evaluate`` runs it on a GPU), ``synced`` (flash, but ``generate`` waiting for the GPU at every step: the code
+  before ``inference.stop_check_one_step_late``). ``--decoding``: one APA batch's decoding steps, timed and profiled
+  (after the first and the last variant).
   ``--breakdown``: one more run of the last with every ``generate()`` call timed.
 
     python scripts/profile_eval.py --model=DIR --data=DIR [--limit=N] [--variants=blocks,flash] [--decoding] \
@@ -19,6 +21,7 @@ Stages, each written to $OUT/profile_eval.json as it ends (a call stopped at its
 The base model stands for the trained one: a merged adapter has its structure, and weights do not change the speed.
 """
 
+import contextlib
 import json
 import os
 import sys
@@ -61,6 +64,8 @@ def profile_batch(model, tokenizer, batch, cache_len, label, tokens: int = 1):
     total = sum(getattr(e, key) for e in events) / 1e6
     print(f"\n## {label}: one APA prompt batch, {tokens} token(s) each, {total:.3f} s ({key})")
     print(events.table(sort_by=key, row_limit=20, max_name_column_width=70), flush=True)
+    if tokens > 1 and torch.cuda.is_available():  # decoding steps: where the host's time goes
+        print(events.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=70), flush=True)
 
 
 def profile_decoding(model, tokenizer, batch, cache_len, label, steps: int = 8):
@@ -135,15 +140,20 @@ def main(argv: list[str]) -> None:
         print(json.dumps(results[-1]), flush=True)
         save()
 
-    uncropped, flash = inference.prompt_positions, inference.flash_prompt_attention
+    uncropped, flash, deferred = (
+        inference.prompt_positions,
+        inference.flash_prompt_attention,
+        inference.stop_check_one_step_late,
+    )
     variants = flags.get("variants", "blocks,flash").split(",")
     blocks = False
     for k, name in enumerate(variants):
         inference.prompt_positions = (
             uncropped if name != "before" else lambda query, key, value, mask: (key, value, mask)
         )
-        inference.flash_prompt_attention = flash if name == "flash" else efficient_attention
-        if name in ("blocks", "flash") and not blocks:
+        inference.flash_prompt_attention = flash if name in ("flash", "synced") else efficient_attention
+        inference.stop_check_one_step_late = deferred if name == "flash" else contextlib.nullcontext
+        if name in ("blocks", "flash", "synced") and not blocks:
             print("compiled prompt blocks:", inference.compile_prompt_blocks(model), flush=True)
             blocks = True
             run(f"{name}: first run (compiles)")
@@ -153,9 +163,9 @@ def main(argv: list[str]) -> None:
         save()
         if k in (0, len(variants) - 1):
             profile_batch(model, tokenizer, apa, apa_cache, name)
-    if "decoding" in flags:
-        results.append(profile_decoding(model, tokenizer, apa, apa_cache, variants[-1]))
-        save()
+            if "decoding" in flags:
+                results.append(profile_decoding(model, tokenizer, apa, apa_cache, name))
+                save()
     if "breakdown" in flags:
         with GenerateTimes() as times:
             run(f"{variants[-1]}, every token synchronised")

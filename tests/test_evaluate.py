@@ -188,6 +188,32 @@ def test_prompt_blocks_compute_what_phi4s_modules_compute(tiny_model_dir, monkey
         assert not inference.is_prompt(h) and torch.equal(layer.mlp(h), before)
 
 
+def test_the_stop_check_is_deferred_on_a_gpu_inside_the_context_only():
+    """stop_check_one_step_late extends transformers' DeferredStopCheck (Apple MPS only) to CUDA under transformers'
+    own conditions, and puts transformers' condition back afterwards, also after an error. (Generation under it needs
+    a GPU: a CPU has no events; the answers' equality is measured there, experiments/benchmarks/eval.md.)"""
+    from types import SimpleNamespace
+
+    import torch
+    from transformers.generation.utils import DeferredStopCheck
+
+    from phi4_pron.inference import stop_check_one_step_late
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    returned_uncroppable = SimpleNamespace(is_croppable=False)
+    assert not DeferredStopCheck.is_supported(cuda, None, False, False)
+    with stop_check_one_step_late():
+        assert DeferredStopCheck.is_supported(cuda, None, False, False)
+        assert DeferredStopCheck.is_supported(cuda, returned_uncroppable, False, False)  # the cache is not returned
+        assert not DeferredStopCheck.is_supported(cuda, returned_uncroppable, True, False)  # it could not be undone
+        assert not DeferredStopCheck.is_supported(cuda, None, False, True)  # an assistant model
+        assert not DeferredStopCheck.is_supported(cpu, None, False, False)
+    assert not DeferredStopCheck.is_supported(cuda, None, False, False)
+    with pytest.raises(RuntimeError, match="inside"), stop_check_one_step_late():
+        raise RuntimeError("inside")
+    assert not DeferredStopCheck.is_supported(cuda, None, False, False)
+
+
 @pytest.mark.slow  # a subprocess
 def test_rescoring_saved_predictions_needs_no_model(tmp_path):
     ref = {
