@@ -298,6 +298,24 @@ def stop_check_one_step_late():
         deferred.is_supported = original
 
 
+AUDIO_INPUTS = ("audio_input_features", "audio_embed_sizes", "audio_attention_mask")
+
+
+@contextlib.contextmanager
+def audio_read_at_prefill_only():
+    """Let ``generate`` pass Phi-4's audio inputs to the prefill only. It drops a model's multimodal inputs after the
+    prefill by the names in its list (``MULTIMODAL_INPUTS_TO_DROP_OUTSIDE_PREFILL``), which lacks Phi-4's: so every
+    decoding step got the batch's audio features again, and ``Phi4MultimodalModel`` asks
+    ``(input_ids == audio_token_id).any()`` for them, a graph break in the compiled step and a wait for the GPU.
+    A generated token is never the audio placeholder (``suppress_tokens``), so the answers are the same."""
+    names = generation_utils.MULTIMODAL_INPUTS_TO_DROP_OUTSIDE_PREFILL
+    generation_utils.MULTIMODAL_INPUTS_TO_DROP_OUTSIDE_PREFILL = names + AUDIO_INPUTS
+    try:
+        yield
+    finally:
+        generation_utils.MULTIMODAL_INPUTS_TO_DROP_OUTSIDE_PREFILL = names
+
+
 @torch.inference_mode()
 def generate_from_batch(
     model,
@@ -316,7 +334,7 @@ def generate_from_batch(
     device = next(model.parameters()).device
     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
     extra = {"cache_implementation": "static", "max_cache_len": cache_len} if cache_len else {}
-    with stop_check_one_step_late():
+    with stop_check_one_step_late(), audio_read_at_prefill_only():
         out = model.generate(
             **batch,
             max_new_tokens=max(budgets),

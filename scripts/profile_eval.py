@@ -10,13 +10,15 @@ Stages, each written to $OUT/profile_eval.json as it ends (a call stopped at its
   first run that compiles; answers compared with the first variant's. ``--variants`` picks them, in order:
   ``before`` (prompts attend to the whole static cache, no prompt blocks, memory-efficient attention), ``crop``
   (their own positions), ``blocks`` (and the prompt blocks compiled), ``flash`` (and flash attention: the code as
-  ``evaluate`` runs it on a GPU), ``synced`` (flash, but ``generate`` waiting for the GPU at every step: the code
-  before ``inference.stop_check_one_step_late``). ``--decoding``: one APA batch's decoding steps, timed and profiled
-  (after the first and the last variant).
+  ``evaluate`` runs it on a GPU), ``synced`` (flash, with decoding steps as before 2026-12-01: ``generate`` waiting
+  for the GPU at every step and passing the audio to every step, without ``inference.stop_check_one_step_late`` and
+  ``inference.audio_read_at_prefill_only``). ``--compile-each``: a first run for every variant (their compiled
+  decoding steps differ). ``--decoding``: one APA batch's decoding steps, timed and profiled (after the first and
+  the last variant).
   ``--breakdown``: one more run of the last with every ``generate()`` call timed.
 
-    python scripts/profile_eval.py --model=DIR --data=DIR [--limit=N] [--variants=blocks,flash] [--decoding] \
-        [--breakdown] <evaluate overrides>
+    python scripts/profile_eval.py --model=DIR --data=DIR [--limit=N] [--variants=blocks,flash] [--compile-each] \
+        [--decoding] [--breakdown] <evaluate overrides>
 
 The base model stands for the trained one: a merged adapter has its structure, and weights do not change the speed.
 """
@@ -140,11 +142,8 @@ def main(argv: list[str]) -> None:
         print(json.dumps(results[-1]), flush=True)
         save()
 
-    uncropped, flash, deferred = (
-        inference.prompt_positions,
-        inference.flash_prompt_attention,
-        inference.stop_check_one_step_late,
-    )
+    uncropped, flash = inference.prompt_positions, inference.flash_prompt_attention
+    deferred, audio_once = inference.stop_check_one_step_late, inference.audio_read_at_prefill_only
     variants = flags.get("variants", "blocks,flash").split(",")
     blocks = False
     for k, name in enumerate(variants):
@@ -153,11 +152,12 @@ def main(argv: list[str]) -> None:
         )
         inference.flash_prompt_attention = flash if name in ("flash", "synced") else efficient_attention
         inference.stop_check_one_step_late = deferred if name == "flash" else contextlib.nullcontext
+        inference.audio_read_at_prefill_only = audio_once if name == "flash" else contextlib.nullcontext
         if name in ("blocks", "flash", "synced") and not blocks:
             print("compiled prompt blocks:", inference.compile_prompt_blocks(model), flush=True)
             blocks = True
             run(f"{name}: first run (compiles)")
-        elif k == 0:
+        elif k == 0 or "compile-each" in flags:
             run(f"{name}: first run (compiles)")
         run(name)
         save()

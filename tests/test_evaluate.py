@@ -6,7 +6,7 @@ import json
 import shutil
 
 import pytest
-from conftest import MINI, run_cli
+from conftest import MINI, run_cli, task_questions
 
 
 @pytest.fixture(scope="module")
@@ -186,6 +186,63 @@ def test_prompt_blocks_compute_what_phi4s_modules_compute(tiny_model_dir, monkey
         before = layer.mlp(h)
         assert inference.compile_prompt_blocks(model) == 1 + 3 * n_layers  # final norm, 2 norms and the MLP a layer
         assert not inference.is_prompt(h) and torch.equal(layer.mlp(h), before)
+
+
+def test_the_compiled_decoding_step_has_no_graph_break_and_answers_as_eager(tiny_model_dir, tiny_processing):
+    """generate_from_batch hands the audio to the prefill only (audio_read_at_prefill_only): its compiled decoding
+    step (traced here by Dynamo on the CPU, as generate compiles it on a GPU) is one graph, where transformers'
+    generate alone passes the audio to every step and the step breaks at Phi-4's audio check; the answers are the
+    eager dynamic-cache ones."""
+    import torch
+    from torch._dynamo.utils import counters
+    from transformers import CompileConfig
+
+    from phi4_pron.data import load_split
+    from phi4_pron.inference import (
+        DECODE_ATTENTION,
+        generate_from_batch,
+        generation_collator,
+        placeholder_ids,
+        static_cache_len,
+    )
+    from phi4_pron.modeling import load_base_model
+
+    tokenizer, features = tiny_processing
+    rows = [{**load_split(MINI, "test", limit=2)[i], "question": "apa"} for i in range(2)]
+    batch = generation_collator(tokenizer, features, task_questions("paper"))(rows)
+    cache_len = static_cache_len(batch["input_ids"].shape[1], 4)
+
+    def compiled_model():
+        model = load_base_model(str(tiny_model_dir), None, torch.float32, "sdpa").eval()
+        model.set_attn_implementation(DECODE_ATTENTION)
+        model.generation_config.compile_config = CompileConfig(backend="eager", mode=None)
+        model.generation_config.compile_config._compile_all_devices = True  # compile on the CPU too
+        return model
+
+    def graph_breaks() -> int:
+        return sum(counters["graph_break"].values())
+
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        with torch.inference_mode():
+            compiled_model().generate(
+                **batch,
+                max_new_tokens=4,
+                do_sample=False,
+                cache_implementation="static",
+                max_cache_len=cache_len,
+                suppress_tokens=placeholder_ids(compiled_model().config),
+            )
+        assert graph_breaks() > 0  # transformers' generate alone: the audio reaches every step
+        torch._dynamo.reset()
+        counters.clear()
+        answers = generate_from_batch(compiled_model(), tokenizer, batch, [4, 4], cache_len)
+        assert graph_breaks() == 0 and counters["stats"]["unique_graphs"] >= 1
+    finally:
+        torch._dynamo.reset()
+    eager = load_base_model(str(tiny_model_dir), None, torch.float32, "sdpa").eval()
+    assert answers == generate_from_batch(eager, tokenizer, batch, [4, 4])
 
 
 def test_the_stop_check_is_deferred_on_a_gpu_inside_the_context_only():
