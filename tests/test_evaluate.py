@@ -243,6 +243,8 @@ def test_the_compiled_decoding_step_has_no_graph_break_and_answers_as_eager(tiny
         torch._dynamo.reset()
     eager = load_base_model(str(tiny_model_dir), None, torch.float32, "sdpa").eval()
     assert answers == generate_from_batch(eager, tokenizer, batch, [4, 4])
+    silent = {**batch, "audio_input_features": torch.zeros_like(batch["audio_input_features"])}
+    assert answers != generate_from_batch(eager, tokenizer, silent, [4, 4])  # the prefill did read the audio
 
 
 def test_the_stop_check_is_deferred_on_a_gpu_inside_the_context_only():
