@@ -288,8 +288,11 @@ def stop_check_one_step_late():
     """Let ``generate`` on a GPU learn that every row has finished one step late, as it does on Apple's MPS only
     (``DeferredStopCheck``: "we should enable it for cuda if we observe perf gains"). Otherwise it waits for the GPU
     at every step (``unfinished_sequences.max() == 0``) and the GPU waits while the host prepares the next step; at
-    worst one step more is computed, and dropped. The answers are the same."""
-    deferred = generation_utils.DeferredStopCheck
+    worst one step more is computed, and dropped. The answers are the same. (A transformers without it: as it is.)"""
+    deferred = getattr(generation_utils, "DeferredStopCheck", None)
+    if deferred is None:
+        yield
+        return
     original = deferred.__dict__["is_supported"]
     deferred.is_supported = staticmethod(_deferred_where_safe)
     try:
@@ -307,8 +310,12 @@ def audio_read_at_prefill_only():
     prefill by the names in its list (``MULTIMODAL_INPUTS_TO_DROP_OUTSIDE_PREFILL``), which lacks Phi-4's: so every
     decoding step got the batch's audio features again, and ``Phi4MultimodalModel`` asks
     ``(input_ids == audio_token_id).any()`` for them, a graph break in the compiled step and a wait for the GPU.
-    A generated token is never the audio placeholder (``suppress_tokens``), so the answers are the same."""
-    names = generation_utils.MULTIMODAL_INPUTS_TO_DROP_OUTSIDE_PREFILL
+    A generated token is never the audio placeholder (``suppress_tokens``), so the answers are the same. (A
+    transformers without that list: as it is.)"""
+    names = getattr(generation_utils, "MULTIMODAL_INPUTS_TO_DROP_OUTSIDE_PREFILL", None)
+    if names is None:
+        yield
+        return
     generation_utils.MULTIMODAL_INPUTS_TO_DROP_OUTSIDE_PREFILL = names + AUDIO_INPUTS
     try:
         yield

@@ -247,6 +247,17 @@ def test_the_compiled_decoding_step_has_no_graph_break_and_answers_as_eager(tiny
     assert answers != generate_from_batch(eager, tokenizer, silent, [4, 4])  # the prefill did read the audio
 
 
+def test_the_decoding_fixes_are_no_ops_on_a_transformers_without_their_hooks(monkeypatch):
+    from transformers.generation import utils as generation_utils
+
+    from phi4_pron.inference import audio_read_at_prefill_only, stop_check_one_step_late
+
+    monkeypatch.delattr(generation_utils, "DeferredStopCheck")
+    monkeypatch.delattr(generation_utils, "MULTIMODAL_INPUTS_TO_DROP_OUTSIDE_PREFILL")
+    with stop_check_one_step_late(), audio_read_at_prefill_only():
+        assert not hasattr(generation_utils, "MULTIMODAL_INPUTS_TO_DROP_OUTSIDE_PREFILL")
+
+
 def test_the_stop_check_is_deferred_on_a_gpu_inside_the_context_only():
     """stop_check_one_step_late extends transformers' DeferredStopCheck (Apple MPS only) to CUDA under transformers'
     own conditions, and puts transformers' condition back afterwards, also after an error. (Generation under it needs
