@@ -3,6 +3,9 @@ training recordings batched question by question as ``evaluate`` batches them (a
 on its batch's padding). Prints the smallest lead of each prompt; a negative one is a token greedy decoding gets wrong.
 
     python scripts/overfit_margins.py RUN_DIR      # the run folder (with final_model/) an overfit run leaves
+
+pytest keeps the overfit runs of its last three sessions: ``/tmp/pytest-of-$USER/pytest-*/overfit*/run`` (after
+``pytest tests/test_learning.py``; their order is RUNS' order).
 """
 
 import sys
