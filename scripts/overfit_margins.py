@@ -12,26 +12,23 @@ import sys
 
 import torch
 
-from phi4_pron.collator import PronunciationCollator
+from phi4_pron.collator import IGNORE_INDEX, PronunciationCollator
 from phi4_pron.config import REPO_ROOT
-from phi4_pron.data import expand_questions, load_split
+from phi4_pron.data import load_split
 from phi4_pron.inference import load_adapter_for_inference
-
-IGNORE = -100
 
 model, tokenizer, features, questions = load_adapter_for_inference(f"{sys.argv[1]}/final_model")
 recordings = load_split(str(REPO_ROOT / "data" / "speechocean762-mini"), "train", limit=4)
-prompts = expand_questions(recordings, list(questions))
 collator = PronunciationCollator(tokenizer, features, questions)
 leads = []
 with torch.inference_mode():
     for question in questions:
-        rows = [prompts[i] for i in range(len(prompts)) if prompts[i]["question"] == question]
+        rows = [{**recordings[i], "question": question} for i in range(len(recordings))]
         batch = collator(rows)
         labels = batch.pop("labels")[:, 1:]
         logits = model(**batch).logits[:, :-1].float()
         for i in range(len(rows)):
-            answer = labels[i] != IGNORE
+            answer = labels[i] != IGNORE_INDEX
             scores, gold = logits[i][answer], labels[i][answer]
             top2 = scores.topk(2, dim=-1)
             other = torch.where(top2.indices[:, 0] == gold, top2.values[:, 1], top2.values[:, 0])

@@ -208,7 +208,8 @@ def test_the_compiled_decoding_step_has_no_graph_break_and_answers_as_eager(tiny
     from phi4_pron.modeling import load_base_model
 
     tokenizer, features = tiny_processing
-    rows = [{**load_split(MINI, "test", limit=2)[i], "question": "apa"} for i in range(2)]
+    recordings = load_split(MINI, "test", limit=2)
+    rows = [{**recordings[i], "question": "apa"} for i in range(len(recordings))]
     batch = generation_collator(tokenizer, features, task_questions("paper"))(rows)
     cache_len = static_cache_len(batch["input_ids"].shape[1], 4)
 
