@@ -61,7 +61,7 @@ def compute_audio_table(
     device, dtype = module.up_proj_for_speech.bias.device, module.up_proj_for_speech.bias.dtype
     hidden = model.config.hidden_size
     if "seconds" in dataset.column_names:  # data.with_lengths
-        seconds = dataset["seconds"]
+        seconds = list(dataset["seconds"])  # a list: sorting by a Column's items reads them one by one
     else:
         seconds = [check_audio_file(a, u) for u, a in zip(dataset["id"], dataset["audio"], strict=True)]
     order = sorted(range(len(dataset)), key=seconds.__getitem__)

@@ -268,12 +268,17 @@ def static_cache_len(prompt_tokens: int, max_new_tokens: int) -> int:
     return -(-(prompt_tokens + max_new_tokens) // STATIC_CACHE_STEP) * STATIC_CACHE_STEP
 
 
+KEPT_CACHE = "_phi4_pron_static_cache"  # the model's attribute holding (size, cache) for static_cache_reused
+
+
 def forget_static_cache_length(model) -> None:
-    """Let the next static cache be as short as its batch needs: transformers' ``generate`` keeps the longest
-    static cache length it has used (``_previous_max_cache_length``) and never allocates a shorter one after it."""
+    """Let the next static cache be as short as its batch needs, and free the one kept for reuse
+    (:func:`static_cache_reused`): transformers' ``generate`` keeps the longest static cache length it has used
+    (``_previous_max_cache_length``) and never allocates a shorter one after it."""
     for m in (model, getattr(model, "get_base_model", lambda: None)()):
-        if m is not None and hasattr(m, "_previous_max_cache_length"):
-            del m._previous_max_cache_length
+        for name in ("_previous_max_cache_length", KEPT_CACHE):
+            if m is not None and hasattr(m, name):
+                delattr(m, name)
 
 
 def _deferred_where_safe(device, cache, cache_is_returned, is_assistant) -> bool:
@@ -323,6 +328,39 @@ def audio_read_at_prefill_only():
         generation_utils.MULTIMODAL_INPUTS_TO_DROP_OUTSIDE_PREFILL = names
 
 
+@contextlib.contextmanager
+def static_cache_reused():
+    """Let ``generate`` reuse the static cache of its model's last call (reset) when it needs one of the same size.
+    It builds a new one every call (``_prepare_static_cache``), at new addresses, so torch records the compiled
+    decoding step's CUDA graph again at every call (20 recordings for a test split,
+    experiments/benchmarks/eval.md). The cache stays on the model until :func:`forget_static_cache_length`. (A
+    transformers without that method: as it is.)"""
+    from transformers import GenerationMixin
+
+    prepare = GenerationMixin.__dict__.get("_prepare_static_cache")
+    if prepare is None:
+        yield
+        return
+
+    def reused(self, cache_implementation, batch_size, max_cache_len, prefill_chunk_size, model_kwargs):
+        size = (cache_implementation, batch_size, max(max_cache_len, getattr(self, "_previous_max_cache_length", -1)))
+        kept = getattr(self, KEPT_CACHE, None)
+        if kept is not None and kept[0] == size and prefill_chunk_size is None:
+            kept[1].reset()
+            return kept[1]
+        if kept is not None:
+            delattr(self, KEPT_CACHE)  # its memory freed before the next one is allocated
+        cache = prepare(self, cache_implementation, batch_size, max_cache_len, prefill_chunk_size, model_kwargs)
+        object.__setattr__(self, KEPT_CACHE, (size, cache))
+        return cache
+
+    GenerationMixin._prepare_static_cache = reused
+    try:
+        yield
+    finally:
+        GenerationMixin._prepare_static_cache = prepare
+
+
 @torch.inference_mode()
 def generate_from_batch(
     model,
@@ -336,12 +374,13 @@ def generate_from_batch(
 
     ``cache_len``: a static cache of that many positions (at least the prompt + the largest budget), with which
     transformers compiles the decoding step on a GPU (Inductor + CUDA graphs, transformers' default
-    ``CompileConfig``); batches of one size and cache length reuse that compile. On a CPU it runs eagerly.
+    ``CompileConfig``); batches of one size and cache length reuse that compile and that cache
+    (:func:`static_cache_reused`; free it with :func:`forget_static_cache_length`). On a CPU it runs eagerly.
     """
     device = next(model.parameters()).device
     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
     extra = {"cache_implementation": "static", "max_cache_len": cache_len} if cache_len else {}
-    with stop_check_one_step_late(), audio_read_at_prefill_only():
+    with stop_check_one_step_late(), audio_read_at_prefill_only(), static_cache_reused():
         out = model.generate(
             **batch,
             max_new_tokens=max(budgets),

@@ -8,6 +8,7 @@ deletions), every canonical phone "mispronounced" for MDD.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -83,6 +84,38 @@ class _CollateOrError:
             return meta, e
 
 
+def concat_parts(parts: list[tuple[list[dict], Any]], pad_token_id: int) -> tuple[list[dict], Any]:
+    """One generation batch from its parts (``_CollateOrError``'s pairs, in order), as the collator makes it at once:
+    prompts padded on the left to the widest part, audio features and their mask on the right. A part that failed
+    stands for the whole batch (which is then retried prompt by prompt)."""
+    rows = [r for meta, _ in parts for r in meta]
+    batches = [b for _, b in parts]
+    failed = next((b for b in batches if isinstance(b, Exception)), None)
+    if failed is not None or len(batches) == 1:
+        return rows, failed if failed is not None else batches[0]
+
+    def pad(key: str, value, left: bool) -> torch.Tensor:
+        xs = [
+            b[key] if key in b else torch.ones(b["audio_input_features"].shape[:2], dtype=torch.bool) for b in batches
+        ]
+        size = max(x.shape[1] for x in xs)  # (a part of one row has no audio mask: the extractor's batch of one)
+        out = xs[0].new_full((len(rows), size, *xs[0].shape[2:]), value)
+        row = 0
+        for x in xs:
+            target = out[row : row + len(x)]
+            (target[:, size - x.shape[1] :] if left else target[:, : x.shape[1]]).copy_(x)
+            row += len(x)
+        return out
+
+    return rows, {
+        "input_ids": pad("input_ids", pad_token_id, left=True),
+        "attention_mask": pad("attention_mask", 0, left=True),
+        "audio_input_features": pad("audio_input_features", 0.0, left=False),
+        "audio_embed_sizes": torch.cat([b["audio_embed_sizes"] for b in batches]),
+        "audio_attention_mask": pad("audio_attention_mask", False, left=False),
+    }
+
+
 def generate_records(
     model,
     tokenizer,
@@ -113,7 +146,8 @@ def generate_records(
     collator = generation_collator(tokenizer, feature_extractor, questions)
     # token counts with the audio placeholders from each recording's header (an unreadable one counts none: its
     # batch fails and is retried prompt by prompt, where it is recorded as failed)
-    length = with_lengths(prompts, collator.num_tokens, unreadable_seconds=0.0)["length"]
+    # (a list: sorting by a datasets Column's items takes seconds)
+    length = list(with_lengths(prompts, collator.num_tokens, unreadable_seconds=0.0)["length"])
     budget = [questions[names[j // n]].answer_budget(max_new_tokens) for j in range(len(prompts))]
     groups = []  # per question: its batches and the cache length they need
     for k in range(len(names)):
@@ -128,9 +162,13 @@ def generate_records(
     index_batches = [b for _, batches in groups for b in batches]
     cache_lens = [cache_len for cache_len, batches in groups for _ in batches]
     forget_static_cache_length(model)
+    # the first batch collated in parts, one per worker: the GPU waits for it alone (its 256 longest recordings took
+    # one worker 2.2 s on an H200's host, experiments/benchmarks/eval.md); every later one is ready when it is needed
+    first = index_batches[0] if index_batches else []
+    size = -(-len(first) // num_workers) if num_workers > 1 and len(first) >= 2 * num_workers else len(first)
     loader = DataLoader(
         prompts,
-        batch_sampler=index_batches,
+        batch_sampler=[first[i : i + size] for i in range(0, len(first), size)] + index_batches[1:],
         collate_fn=_CollateOrError(collator),
         num_workers=num_workers,
         pin_memory=torch.cuda.is_available(),
@@ -138,29 +176,38 @@ def generate_records(
     answers: list[str | Exception | None] = [None] * len(prompts)
     meta: list[dict[str, Any] | None] = [None] * n
     bar = tqdm(total=len(prompts), desc="evaluating", unit="prompt", disable=not progress)
-    for k, (indices, cache_len, (rows, batch)) in enumerate(zip(index_batches, cache_lens, loader, strict=True)):
-        if k and cache_len != cache_lens[k - 1] and torch.cuda.is_available():
-            torch.cuda.empty_cache()  # the shorter cache's freed blocks back to the card before the longer one
-        try:
-            if isinstance(batch, Exception):
-                raise batch
-            out: list[str | Exception] = generate_from_batch(
-                model, tokenizer, batch, [budget[j] for j in indices], cache_len
-            )
-        except Exception:  # find the culprit(s): retry one by one, reading the rows (audio too) again
-            out = []
-            for j in indices:
-                row = prompts[j]
-                try:
-                    out += generate_answers(model, tokenizer, feature_extractor, questions, [row], max_new_tokens)
-                except Exception as e:
-                    log.warning("utterance %s (%s) failed: %s", row["id"], row["question"], e)
-                    out.append(e)
-        for j, row, answer in zip(indices, rows, out, strict=True):
-            answers[j] = answer
-            meta[j % n] = row
-        bar.update(len(set(indices)))
-    bar.close()
+    try:
+        collated = iter(loader)
+        if first:
+            head = concat_parts([next(collated) for _ in range(0, len(first), size)], collator.pad_token_id)
+            collated = itertools.chain([head], collated)
+        for k, (indices, cache_len, (rows, batch)) in enumerate(zip(index_batches, cache_lens, collated, strict=True)):
+            if k and cache_len != cache_lens[k - 1]:
+                forget_static_cache_length(model)  # the shorter cache freed, its blocks back to the card
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()  # before the longer one is allocated
+            try:
+                if isinstance(batch, Exception):
+                    raise batch
+                out: list[str | Exception] = generate_from_batch(
+                    model, tokenizer, batch, [budget[j] for j in indices], cache_len
+                )
+            except Exception:  # find the culprit(s): retry one by one, reading the rows (audio too) again
+                out = []
+                for j in indices:
+                    row = prompts[j]
+                    try:
+                        out += generate_answers(model, tokenizer, feature_extractor, questions, [row], max_new_tokens)
+                    except Exception as e:
+                        log.warning("utterance %s (%s) failed: %s", row["id"], row["question"], e)
+                        out.append(e)
+            for j, row, answer in zip(indices, rows, out, strict=True):
+                answers[j] = answer
+                meta[j % n] = row
+            bar.update(len(set(indices)))
+    finally:
+        forget_static_cache_length(model)  # the kept static cache freed (training goes on after an eval)
+        bar.close()
     return [_record(meta[i], {q: answers[k * n + i] for k, q in enumerate(names)}, questions) for i in range(n)]
 
 

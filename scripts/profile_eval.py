@@ -12,13 +12,18 @@ Stages, each written to $OUT/profile_eval.json as it ends (a call stopped at its
   (their own positions), ``blocks`` (and the prompt blocks compiled), ``flash`` (and flash attention: the code as
   ``evaluate`` runs it on a GPU), ``synced`` (flash, with decoding steps as before 2026-12-01: ``generate`` waiting
   for the GPU at every step and passing the audio to every step, without ``inference.stop_check_one_step_late`` and
-  ``inference.audio_read_at_prefill_only``). ``--compile-each``: a first run for every variant (their compiled
-  decoding steps differ). ``--decoding``: one APA batch's decoding steps, timed and profiled (after the first and
-  the last variant).
-  ``--breakdown``: one more run of the last with every ``generate()`` call timed.
+  ``inference.audio_read_at_prefill_only``), ``codec`` (flash, every recording decoded by torchcodec, as before
+  2026-12-02: no direct read of 16 kHz PCM WAVs, and a new static cache every call), ``fresh`` (flash, a new static
+  cache every call: no ``inference.static_cache_reused``). ``--compile-each``: a first run for every variant (their
+  compiled decoding steps differ). ``--decoding``: one APA batch's decoding steps, timed and profiled (after the
+  first and the last variant).
+  ``--breakdown``: one more run of the last with every ``generate()`` call timed (each token synchronised).
+  ``--timeline``: one more run of the last, unsynchronised, with CUDA events at each ``generate()`` call's entry, its
+  prefill's start and end, and its exit: per call, the host's time before it and the GPU's idle time before its
+  prefill, the prefill's and the decoding's GPU time; and the CUDA graph recordings and eager warm-ups it caused.
 
     python scripts/profile_eval.py --model=DIR --data=DIR [--limit=N] [--variants=blocks,flash] [--compile-each] \
-        [--decoding] [--breakdown] <evaluate overrides>
+        [--decoding] [--breakdown] [--timeline] <evaluate overrides>
 
 The base model stands for the trained one: a merged adapter has its structure, and weights do not change the speed.
 """
@@ -32,9 +37,10 @@ from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
+from torch.utils.data import DataLoader
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from phi4_pron import inference
+from phi4_pron import data, inference, predictions
 from phi4_pron.answer import questions_from_config
 from phi4_pron.bench.measure import GenerateTimes, compose, sync
 from phi4_pron.data import load_split
@@ -54,6 +60,97 @@ def breakdown(calls: list[dict]) -> dict:
         out[f"{name}_wait_s"] = sum(c["wait_s"] for c in group)  # before each call: loading, the loader, scoring
     out["first_wait_s"] = calls[0]["wait_s"] if calls else 0.0
     return out
+
+
+class Timeline:
+    """While active, CUDA events (no synchronisation) at every ``generate()`` call's entry, prefill start and end,
+    and exit, and a count of CUDA graph recordings and eager warm-ups (torch's cudagraph trees); :meth:`summary`
+    after a sync."""
+
+    def __init__(self) -> None:
+        self.marks: list[tuple[str, float, torch.cuda.Event]] = []
+        self.graphs = {"record_function": [0, 0.0], "run_eager": [0, 0.0]}
+
+    def mark(self, name: str) -> None:
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        self.marks.append((name, time.perf_counter(), event))
+
+    def __enter__(self) -> "Timeline":
+        from torch._inductor import cudagraph_trees
+        from transformers import GenerationMixin
+
+        self._saved = [(GenerationMixin, n, getattr(GenerationMixin, n)) for n in ("generate", "_prefill")]
+        self._saved += [
+            (predictions, "with_lengths", predictions.with_lengths),
+            (DataLoader, "__iter__", DataLoader.__iter__),
+        ]
+        manager = cudagraph_trees.CUDAGraphTreeManager
+        self._saved += [(manager, n, getattr(manager, n)) for n in self.graphs]
+        for owner, name, original in self._saved:
+            setattr(owner, name, self._wrap(name, original))
+        self.mark("start")
+        return self
+
+    def _wrap(self, name, original):
+        def wrapped(*args, **kwargs):
+            if name in self.graphs:  # host time of a recording / warm-up (they run the step's kernels once)
+                start = time.perf_counter()
+                out = original(*args, **kwargs)
+                self.graphs[name][0] += 1
+                self.graphs[name][1] += time.perf_counter() - start
+                return out
+            self.mark(f"{name}:enter")
+            out = original(*args, **kwargs)
+            self.mark(f"{name}:exit")
+            return out
+
+        return wrapped
+
+    def __exit__(self, *exc) -> None:
+        self.mark("end")
+        for owner, name, original in self._saved:
+            setattr(owner, name, original)
+
+    def summary(self) -> dict:
+        sync()
+        names = [m[0] for m in self.marks]
+        calls = []
+        for i, name in enumerate(names):
+            if name != "generate:enter":
+                continue
+            enter, pre, pre_end, exit_ = (self.marks[i + j] for j in range(4))
+            assert [pre[0], pre_end[0], exit_[0]] == ["_prefill:enter", "_prefill:exit", "generate:exit"], names
+            before = next(m for m in reversed(self.marks[:i]) if m[0] in ("generate:exit", "start"))
+            calls.append(
+                {
+                    "host_before_s": enter[1] - before[1],
+                    "host_setup_s": pre[1] - enter[1],
+                    "gpu_idle_before_prefill_s": before[2].elapsed_time(pre[2]) / 1e3,
+                    "prefill_gpu_s": pre[2].elapsed_time(pre_end[2]) / 1e3,
+                    "prefill_host_s": pre_end[1] - pre[1],
+                    "decode_gpu_s": pre_end[2].elapsed_time(exit_[2]) / 1e3,
+                }
+            )
+        wall = self.marks[-1][1] - self.marks[0][1]
+        totals = {k: sum(c[k] for c in calls) for k in calls[0]} if calls else {}
+        return {
+            "wall_s": wall,
+            "calls": len(calls),
+            **{f"sum_{k}": v for k, v in totals.items()},
+            "first_host_before_s": calls[0]["host_before_s"] if calls else None,
+            # before the first call: from each mark to the next (lengths from the headers, the loader's start, ...)
+            "before_first_call": [
+                (f"{a[0]} -> {b[0]}", round(b[1] - a[1], 4))
+                for a, b in zip(self.marks, self.marks[1 : names.index("generate:enter") + 1], strict=False)
+            ],
+            "after_last_s": self.marks[-1][1] - self.marks[-2][1],
+            "cudagraph_recordings": self.graphs["record_function"][0],
+            "cudagraph_recording_host_s": self.graphs["record_function"][1],
+            "cudagraph_warmups": self.graphs["run_eager"][0],
+            "cudagraph_warmup_host_s": self.graphs["run_eager"][1],
+            "per_call": [{k: round(v, 4) for k, v in c.items()} for c in calls],
+        }
 
 
 def profile_batch(model, tokenizer, batch, cache_len, label, tokens: int = 1):
@@ -144,16 +241,22 @@ def main(argv: list[str]) -> None:
 
     uncropped, flash = inference.prompt_positions, inference.flash_prompt_attention
     deferred, audio_once = inference.stop_check_one_step_late, inference.audio_read_at_prefill_only
+    wav_samples, reused = data._wav_samples, inference.static_cache_reused
     variants = flags.get("variants", "blocks,flash").split(",")
     blocks = False
     for k, name in enumerate(variants):
         inference.prompt_positions = (
             uncropped if name != "before" else lambda query, key, value, mask: (key, value, mask)
         )
-        inference.flash_prompt_attention = flash if name in ("flash", "synced") else efficient_attention
-        inference.stop_check_one_step_late = deferred if name == "flash" else contextlib.nullcontext
-        inference.audio_read_at_prefill_only = audio_once if name == "flash" else contextlib.nullcontext
-        if name in ("blocks", "flash", "synced") and not blocks:
+        inference.flash_prompt_attention = (
+            flash if name in ("flash", "synced", "codec", "fresh") else efficient_attention
+        )
+        landed = name in ("flash", "codec", "fresh")
+        inference.stop_check_one_step_late = deferred if landed else contextlib.nullcontext
+        inference.audio_read_at_prefill_only = audio_once if landed else contextlib.nullcontext
+        data._wav_samples = wav_samples if name != "codec" else lambda audio: None
+        inference.static_cache_reused = reused if name == "flash" else contextlib.nullcontext
+        if name in ("blocks", "flash", "synced", "codec", "fresh") and not blocks:
             print("compiled prompt blocks:", inference.compile_prompt_blocks(model), flush=True)
             blocks = True
             run(f"{name}: first run (compiles)")
@@ -171,6 +274,12 @@ def main(argv: list[str]) -> None:
             run(f"{variants[-1]}, every token synchronised")
         results[-1].update(breakdown(times.calls))
         print(json.dumps({k: round(v, 3) for k, v in breakdown(times.calls).items()}), flush=True)
+        save()
+    if "timeline" in flags:  # a GPU (CUDA events)
+        with Timeline() as timeline:
+            run(f"{variants[-1]}, timeline")
+        results[-1]["timeline"] = timeline.summary()
+        print(json.dumps({k: v for k, v in results[-1]["timeline"].items() if k != "per_call"}), flush=True)
         save()
 
 

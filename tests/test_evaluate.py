@@ -50,6 +50,38 @@ def test_compiled_decoding_answers_as_the_dynamic_cache(run_dir):
     assert any(r["raw"]["apa"] for r in eager)
 
 
+def test_the_first_batch_collated_in_parts_is_the_batch_collated_at_once(run_dir, tiny_processing):
+    """With loader workers the first batch is collated in parts (one per worker) and joined: the same tensors as the
+    collator's batch (a part of one row, which has no audio mask, included), and the same answers."""
+    import torch
+
+    from phi4_pron.data import load_split
+    from phi4_pron.inference import generation_collator, load_adapter_for_inference
+    from phi4_pron.predictions import concat_parts, generate_records
+
+    tokenizer, features = tiny_processing
+    collate = generation_collator(tokenizer, features, task_questions("paper"))
+    recordings = load_split(str(MINI), "test", limit=6)
+    rows = [{**recordings[i], "question": "apa" if i % 2 else "mdd"} for i in range(6)]
+    whole = collate(rows)
+    for sizes in ((2, 3, 1), (1, 5)):
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        parts = [(rows[a : a + m], collate(rows[a : a + m])) for a, m in zip(starts, sizes, strict=True)]
+        joined_rows, joined = concat_parts(parts, collate.pad_token_id)
+        assert joined_rows == rows and joined.keys() == whole.keys()
+        assert all(torch.equal(joined[k], whole[k]) for k in whole)
+    failed = ValueError("unreadable")
+    assert concat_parts([parts[0], (parts[1][0], failed)], collate.pad_token_id)[1] is failed
+
+    model, tokenizer, fe, questions = load_adapter_for_inference(run_dir / "final_model")
+    recordings = recordings.select(range(5))
+    kwargs = dict(batch_size=4, max_new_tokens=6, progress=False)
+    alone, in_parts = (
+        generate_records(model, tokenizer, fe, questions, recordings, num_workers=w, **kwargs) for w in (0, 2)
+    )
+    assert [r["raw"] for r in in_parts] == [r["raw"] for r in alone]
+
+
 def test_a_questions_cap_cuts_its_answers_only(run_dir):
     """APA capped at 2 tokens: its answers are those of a 2-token evaluation, MDD's those of the 12-token one; also
     where one batch asks both (``generate_answers``, as ``assess`` does)."""
@@ -249,16 +281,60 @@ def test_the_compiled_decoding_step_has_no_graph_break_and_answers_as_eager(tiny
     assert answers != generate_from_batch(eager, tokenizer, silent, [4, 4])  # the prefill did read the audio
 
 
+def test_a_batch_reuses_the_last_static_cache_of_its_size(tiny_model_dir, tiny_processing):
+    """generate_from_batch keeps its static cache on the model (static_cache_reused: fixed addresses for the compiled
+    step's CUDA graph), reset for the next batch of the same size: the answers are a fresh cache's, whatever the
+    batch before wrote; another size gets a new one; forget_static_cache_length frees it."""
+    import torch
+
+    from phi4_pron.data import load_split
+    from phi4_pron.inference import (
+        KEPT_CACHE,
+        forget_static_cache_length,
+        generate_from_batch,
+        generation_collator,
+        static_cache_len,
+    )
+    from phi4_pron.modeling import load_base_model
+
+    tokenizer, features = tiny_processing
+    collate = generation_collator(tokenizer, features, task_questions("paper"))
+    recordings = load_split(MINI, "test", limit=3)
+    apa = collate([{**recordings[i], "question": "apa"} for i in range(2)])
+    mdd = collate([{**recordings[i + 1], "question": "mdd"} for i in range(2)])
+    cache_len = static_cache_len(max(apa["input_ids"].shape[1], mdd["input_ids"].shape[1]), 6)
+    model = load_base_model(str(tiny_model_dir), None, torch.float32, "sdpa").eval()
+
+    def answer(batch, fresh: bool = False):
+        if fresh:
+            forget_static_cache_length(model)
+        return generate_from_batch(model, tokenizer, batch, [6] * len(batch["input_ids"]), cache_len)
+
+    first = answer(apa)
+    cache = getattr(model, KEPT_CACHE)[1]
+    after_apa, again = answer(mdd), answer(apa)
+    assert getattr(model, KEPT_CACHE)[1] is cache and again == first
+    assert after_apa == answer(mdd, fresh=True)  # reset: nothing left of the batch before
+    one = {k: v[:1] for k, v in apa.items() if k != "audio_attention_mask"}
+    one["audio_input_features"] = one["audio_input_features"][:, : int(apa["audio_attention_mask"][0].sum())]
+    answer(one)
+    assert getattr(model, KEPT_CACHE)[1] is not cache  # a batch of one: a cache of its own size
+    forget_static_cache_length(model)
+    assert not hasattr(model, KEPT_CACHE)
+
+
 def test_the_decoding_fixes_are_no_ops_on_a_transformers_without_their_hooks(monkeypatch):
     """A transformers 5.x without DeferredStopCheck or the list of inputs to drop still generates (as it is)."""
     from transformers.generation import utils as generation_utils
 
-    from phi4_pron.inference import audio_read_at_prefill_only, stop_check_one_step_late
+    from phi4_pron.inference import audio_read_at_prefill_only, static_cache_reused, stop_check_one_step_late
 
     monkeypatch.delattr(generation_utils, "DeferredStopCheck")
     monkeypatch.delattr(generation_utils, "MULTIMODAL_INPUTS_TO_DROP_OUTSIDE_PREFILL")
-    with stop_check_one_step_late(), audio_read_at_prefill_only():
+    monkeypatch.delattr(generation_utils.GenerationMixin, "_prepare_static_cache")
+    with stop_check_one_step_late(), audio_read_at_prefill_only(), static_cache_reused():
         assert not hasattr(generation_utils, "MULTIMODAL_INPUTS_TO_DROP_OUTSIDE_PREFILL")
+        assert not hasattr(generation_utils.GenerationMixin, "_prepare_static_cache")
 
 
 def test_the_stop_check_is_deferred_on_a_gpu_inside_the_context_only():

@@ -93,6 +93,34 @@ def test_lengths_are_durations():
     assert ds[0]["length"] == 328 and all(n > 100 for n in ds["length"])  # 000010149.WAV lasts 3.28 s
 
 
+def test_pcm_wavs_read_directly_as_torchcodec_decodes_them(tmp_path):
+    """16 kHz mono 16-bit WAVs (the corpus's) skip FFmpeg with the same samples, bit for bit; any other WAV, or one
+    whose header does not match its data, still goes to torchcodec (resampled, mixed down)."""
+    import wave
+
+    import numpy as np
+
+    from phi4_pron.data import _decoder, _wav_samples
+
+    wavs = sorted((MINI / "WAVE").rglob("*.WAV"))[:8]
+    for wav in wavs:
+        codec = _decoder(str(wav)).get_all_samples().data[0].numpy()
+        for cell in (str(wav), {"bytes": wav.read_bytes(), "path": None}):
+            direct = _wav_samples(cell)
+            assert direct.dtype == np.float32 and np.array_equal(direct, codec)
+    samples = (np.sin(np.arange(8000) / 5) * 20000).astype("<i2")
+    for name, rate, channels in (("44k.wav", 44_100, 1), ("stereo.wav", 16_000, 2)):
+        with wave.open(str(tmp_path / name), "wb") as w:
+            w.setnchannels(channels), w.setsampwidth(2), w.setframerate(rate)
+            w.writeframes(np.repeat(samples, channels).tobytes())
+        assert _wav_samples(str(tmp_path / name)) is None
+        assert abs(len(decode_audio(str(tmp_path / name))) - 8000 * 16_000 / rate) <= 2  # torchcodec: 16 kHz mono
+    cut = wavs[0].read_bytes()[:-100]  # the header names more frames than the file holds
+    (tmp_path / "cut.wav").write_bytes(cut)
+    assert _wav_samples(str(tmp_path / "cut.wav")) is None
+    assert _wav_samples(str(tmp_path / "missing.wav")) is None and _wav_samples(str(tmp_path / "x.flac")) is None
+
+
 def test_wav_headers_give_ffmpegs_durations(tmp_path):
     """The RIFF header fast path agrees with FFmpeg's probe; a header whose size it cannot trust goes to FFmpeg."""
     from phi4_pron.data import _decoder, _wav_seconds, check_audio_file
