@@ -95,10 +95,9 @@ def concat_parts(parts: list[tuple[list[dict], Any]], pad_token_id: int) -> tupl
         return rows, failed if failed is not None else batches[0]
 
     def pad(key: str, value, left: bool) -> torch.Tensor:
-        xs = [
-            b[key] if key in b else torch.ones(b["audio_input_features"].shape[:2], dtype=torch.bool) for b in batches
-        ]
-        size = max(x.shape[1] for x in xs)  # (a part of one row has no audio mask: the extractor's batch of one)
+        ones = [torch.ones(b["audio_input_features"].shape[:2], dtype=torch.bool) for b in batches]
+        xs = [b.get(key, mask) for b, mask in zip(batches, ones, strict=True)]  # a part of one row has no audio mask
+        size = max(x.shape[1] for x in xs)
         out = xs[0].new_full((len(rows), size, *xs[0].shape[2:]), value)
         row = 0
         for x in xs:
@@ -135,7 +134,8 @@ def generate_records(
     Every question of every recording is one prompt. Prompts are batched question by question, longest first
     (token counts from the recordings' headers), so a batch carries little padding and stops at its question's
     answer budget (:meth:`Question.answer_budget`: an APA batch after a few dozen tokens). ``num_workers``
-    DataLoader processes decode and featurize the next batches while the GPU generates.
+    DataLoader processes decode and featurize the next batches while the GPU generates (the first one in parts, one
+    per worker: :func:`concat_parts`).
     ``compiled``: a static cache and compiled decoding steps (:func:`inference.generate_from_batch`), compiled once
     per question: each question's batches share one cache length (the questions in ascending order of it, since
     transformers only ever lengthens a static cache) and one batch size (its last batch filled up with repeats).
