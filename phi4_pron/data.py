@@ -7,8 +7,8 @@ Sources (``data.path``):
 - otherwise a Hugging Face Hub dataset id (``mispeech/speechocean762``).
 
 Every split has the columns ``id``, ``audio`` (``datasets.Audio(decode=False)``: a path or bytes, decoded by
-:func:`decode_audio` with torchcodec at 16 kHz mono, a 16 kHz mono PCM WAV directly, so a bad file is named with its
-utterance),
+:func:`decode_audio`: torchcodec, resampled to 16 kHz mono, or a 16 kHz mono PCM WAV read directly; a bad file is
+named with its utterance),
 ``text``, ``accuracy``, ``completeness``, ``fluency``, ``prosodic``, ``total`` and ``words`` (the corpus's
 word annotations, ``phones`` as a list).
 """
