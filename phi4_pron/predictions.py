@@ -94,9 +94,14 @@ def concat_parts(parts: list[tuple[list[dict], Any]], pad_token_id: int) -> tupl
     if failed is not None or len(batches) == 1:
         return rows, failed if failed is not None else batches[0]
 
+    mask = "audio_attention_mask"  # a part of one row has none (the extractor's batch of one): all its frames count
+    batches = [
+        b if mask in b else {**b, mask: torch.ones(b["audio_input_features"].shape[:2], dtype=torch.bool)}
+        for b in batches
+    ]
+
     def pad(key: str, value, left: bool) -> torch.Tensor:
-        ones = [torch.ones(b["audio_input_features"].shape[:2], dtype=torch.bool) for b in batches]
-        xs = [b.get(key, mask) for b, mask in zip(batches, ones, strict=True)]  # a part of one row has no audio mask
+        xs = [b[key] for b in batches]
         size = max(x.shape[1] for x in xs)
         out = xs[0].new_full((len(rows), size, *xs[0].shape[2:]), value)
         row = 0
@@ -111,7 +116,7 @@ def concat_parts(parts: list[tuple[list[dict], Any]], pad_token_id: int) -> tupl
         "attention_mask": pad("attention_mask", 0, left=True),
         "audio_input_features": pad("audio_input_features", 0.0, left=False),
         "audio_embed_sizes": torch.cat([b["audio_embed_sizes"] for b in batches]),
-        "audio_attention_mask": pad("audio_attention_mask", False, left=False),
+        mask: pad(mask, False, left=False),
     }
 
 
@@ -166,9 +171,10 @@ def generate_records(
     # one worker 2.2 s on an H200's host, experiments/benchmarks/eval.md); every later one is ready when it is needed
     first = index_batches[0] if index_batches else []
     size = -(-len(first) // num_workers) if num_workers > 1 and len(first) >= 2 * num_workers else len(first)
+    head = [first[i : i + size] for i in range(0, len(first), max(size, 1))]
     loader = DataLoader(
         prompts,
-        batch_sampler=[first[i : i + size] for i in range(0, len(first), size)] + index_batches[1:],
+        batch_sampler=head + index_batches[1:],
         collate_fn=_CollateOrError(collator),
         num_workers=num_workers,
         pin_memory=torch.cuda.is_available(),
@@ -178,9 +184,8 @@ def generate_records(
     bar = tqdm(total=len(prompts), desc="evaluating", unit="prompt", disable=not progress)
     try:
         collated = iter(loader)
-        if first:
-            head = concat_parts([next(collated) for _ in range(0, len(first), size)], collator.pad_token_id)
-            collated = itertools.chain([head], collated)
+        if head:
+            collated = itertools.chain([concat_parts([next(collated) for _ in head], collator.pad_token_id)], collated)
         for k, (indices, cache_len, (rows, batch)) in enumerate(zip(index_batches, cache_lens, collated, strict=True)):
             if k and cache_len != cache_lens[k - 1]:
                 forget_static_cache_length(model)  # the shorter cache freed, its blocks back to the card

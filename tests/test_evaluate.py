@@ -80,6 +80,7 @@ def test_the_first_batch_collated_in_parts_is_the_batch_collated_at_once(run_dir
         generate_records(model, tokenizer, fe, questions, recordings, num_workers=w, **kwargs) for w in (0, 2)
     )
     assert [r["raw"] for r in in_parts] == [r["raw"] for r in alone]
+    assert generate_records(model, tokenizer, fe, questions, recordings.select([]), num_workers=2, **kwargs) == []
 
 
 def test_a_questions_cap_cuts_its_answers_only(run_dir):
