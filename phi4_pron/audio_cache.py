@@ -92,6 +92,20 @@ def compute_audio_table(
     return torch.cat(pieces), spans
 
 
+def shared_audio_table(
+    model, recordings: Dataset, collator, batch_size: int, num_workers: int = 0
+) -> tuple[torch.Tensor, list[list[int]]] | None:
+    """Evaluation's audio embeddings (:func:`compute_audio_table`, the model in evaluation mode), one recording a
+    row: its prompts, one a question, read them by ``audio_span`` instead of running the audio encoder each (the
+    paper's task asks two). ``None``, with a warning, where a recording cannot be read or embedded: the prompts then
+    read their own audio, and the broken recording fails alone, counted."""
+    try:
+        return compute_audio_table(model, recordings, collator, batch_size, num_workers)
+    except Exception as e:  # noqa: BLE001 - the prompts' own path finds and counts the broken recording
+        log.warning("audio embeddings not shared between questions (each prompt reads its own audio): %s", e)
+        return None
+
+
 def cache_audio_embeddings(
     model, dataset: Dataset, collator, batch_size: int, num_workers: int = 0
 ) -> tuple[Dataset, Any, torch.Tensor] | None:

@@ -17,6 +17,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.models.phi4_multimodal import modeling_phi4_multimodal as phi4_modeling
 
 from phi4_pron.answer import END, TASK_FILE, Question, questions_from_config
+from phi4_pron.audio_cache import AUDIO_ROWS, embed_from_table
 from phi4_pron.collator import PronunciationCollator, pad_token_id
 from phi4_pron.modeling import (
     ADAPTER_CONFIG,
@@ -149,9 +150,16 @@ def is_prompt(hidden: torch.Tensor, seq_dim: int = 1) -> bool:
 
 
 def _prompt_rotary(q, k, cos, sin, unsqueeze_dim=1):
-    """transformers' own rotary embedding, compiled for prompts (:func:`is_prompt`)."""
-    rotary = _compiled_rotary if is_prompt(q, seq_dim=2) else _eager_rotary
-    return rotary(q, k, cos, sin, unsqueeze_dim)
+    """transformers' own rotary embedding, compiled for prompts (:func:`is_prompt`) and computed token-major.
+
+    Phi-4's attention hands it head-major views (batch, heads, tokens, dim) of its token-major projection; rotated
+    as they are, the compiled kernel writes a transposed copy (5.3 ms a layer for an APA batch of 256 on an H200,
+    experiments/benchmarks/eval.md), which flash attention then transposes back. Rotated token-major, both copies are
+    plain reads and writes; the result is handed back as the same head-major view."""
+    if not is_prompt(q, seq_dim=2) or unsqueeze_dim != 1:
+        return _eager_rotary(q, k, cos, sin, unsqueeze_dim)
+    q, k = _compiled_rotary(q.transpose(1, 2), k.transpose(1, 2), cos, sin, 2)
+    return q.transpose(1, 2), k.transpose(1, 2)
 
 
 def compile_prompt_blocks(model) -> int:
@@ -368,9 +376,11 @@ def generate_from_batch(
     batch: dict[str, torch.Tensor],
     budgets: Sequence[int],
     cache_len: int | None = None,
+    audio_table: torch.Tensor | None = None,
 ) -> list[str]:
     """Greedy answers for one collated batch (from :func:`generation_collator`), prompt stripped, each row's cut at
-    its own number of new tokens (``budgets``: its question's cap), whatever its batch mates need.
+    its own number of new tokens (``budgets``: its question's cap), whatever its batch mates need. A batch collated
+    from ``audio_table`` (``audio_rows``, :mod:`phi4_pron.audio_cache`) takes its audio embeddings from there.
 
     ``cache_len``: a static cache of that many positions (at least the prompt + the largest budget), with which
     transformers compiles the decoding step on a GPU (Inductor + CUDA graphs, transformers' default
@@ -379,6 +389,8 @@ def generate_from_batch(
     """
     device = next(model.parameters()).device
     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    if AUDIO_ROWS in batch:  # the prefill reads the table's embeddings; the decoding steps the ids
+        batch = {**embed_from_table(model, batch, audio_table), "input_ids": batch["input_ids"]}
     extra = {"cache_implementation": "static", "max_cache_len": cache_len} if cache_len else {}
     with stop_check_one_step_late(), audio_read_at_prefill_only(), static_cache_reused():
         out = model.generate(

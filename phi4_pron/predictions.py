@@ -8,7 +8,7 @@ deletions), every canonical phone "mispronounced" for MDD.
 
 from __future__ import annotations
 
-import itertools
+import dataclasses
 import json
 import logging
 import math
@@ -29,6 +29,7 @@ from phi4_pron.answer import (
     mispronounced_flags,
     pronounced_phones,
 )
+from phi4_pron.audio_cache import AUDIO_SPAN, shared_audio_table
 from phi4_pron.data import expand_questions, with_lengths
 from phi4_pron.inference import (
     forget_static_cache_length,
@@ -84,42 +85,6 @@ class _CollateOrError:
             return meta, e
 
 
-def concat_parts(parts: list[tuple[list[dict], Any]], pad_token_id: int) -> tuple[list[dict], Any]:
-    """One generation batch from its parts (``_CollateOrError``'s pairs, in order), as the collator makes it at once:
-    prompts padded on the left to the widest part, audio features and their mask on the right. A part that failed
-    stands for the whole batch (which is then retried prompt by prompt)."""
-    rows = [r for meta, _ in parts for r in meta]
-    batches = [b for _, b in parts]
-    failed = next((b for b in batches if isinstance(b, Exception)), None)
-    if failed is not None or len(batches) == 1:
-        return rows, failed if failed is not None else batches[0]
-
-    mask = "audio_attention_mask"  # a part of one row has none (the extractor's batch of one): all its frames count
-    batches = [
-        b if mask in b else {**b, mask: torch.ones(b["audio_input_features"].shape[:2], dtype=torch.bool)}
-        for b in batches
-    ]
-
-    def pad(key: str, value, left: bool) -> torch.Tensor:
-        xs = [b[key] for b in batches]
-        size = max(x.shape[1] for x in xs)
-        out = xs[0].new_full((len(rows), size, *xs[0].shape[2:]), value)
-        row = 0
-        for x in xs:
-            target = out[row : row + len(x)]
-            (target[:, size - x.shape[1] :] if left else target[:, : x.shape[1]]).copy_(x)
-            row += len(x)
-        return out
-
-    return rows, {
-        "input_ids": pad("input_ids", pad_token_id, left=True),
-        "attention_mask": pad("attention_mask", 0, left=True),
-        "audio_input_features": pad("audio_input_features", 0.0, left=False),
-        "audio_embed_sizes": torch.cat([b["audio_embed_sizes"] for b in batches]),
-        mask: pad(mask, False, left=False),
-    }
-
-
 def generate_records(
     model,
     tokenizer,
@@ -138,9 +103,10 @@ def generate_records(
 
     Every question of every recording is one prompt. Prompts are batched question by question, longest first
     (token counts from the recordings' headers), so a batch carries little padding and stops at its question's
-    answer budget (:meth:`Question.answer_budget`: an APA batch after a few dozen tokens). ``num_workers``
-    DataLoader processes decode and featurize the next batches while the GPU generates (the first one in parts, one
-    per worker: :func:`concat_parts`).
+    answer budget (:meth:`Question.answer_budget`: an APA batch after a few dozen tokens). Each recording's audio
+    embeddings are computed once, before the first prompt, for all its questions
+    (:func:`audio_cache.shared_audio_table`; where a recording cannot be read, every prompt reads its own audio).
+    ``num_workers`` DataLoader processes collate the next batches while the GPU generates.
     ``compiled``: a static cache and compiled decoding steps (:func:`inference.generate_from_batch`), compiled once
     per question: each question's batches share one cache length (the questions in ascending order of it, since
     transformers only ever lengthens a static cache) and one batch size (its last batch filled up with repeats).
@@ -152,7 +118,8 @@ def generate_records(
     # token counts with the audio placeholders from each recording's header (an unreadable one counts none: its
     # batch fails and is retried prompt by prompt, where it is recorded as failed)
     # (a list: sorting by a datasets Column's items takes seconds)
-    length = list(with_lengths(prompts, collator.num_tokens, unreadable_seconds=0.0)["length"])
+    prompts = with_lengths(prompts, collator.num_tokens, unreadable_seconds=0.0)
+    length = list(prompts["length"])
     budget = [questions[names[j // n]].answer_budget(max_new_tokens) for j in range(len(prompts))]
     groups = []  # per question: its batches and the cache length they need
     for k in range(len(names)):
@@ -167,15 +134,17 @@ def generate_records(
     index_batches = [b for _, batches in groups for b in batches]
     cache_lens = [cache_len for cache_len, batches in groups for _ in batches]
     forget_static_cache_length(model)
-    # the first batch collated in parts, one per worker: the GPU waits for it alone (its 256 longest recordings took
-    # one worker 2.2 s on an H200's host, experiments/benchmarks/eval.md); every later one is ready when it is needed
-    first = index_batches[0] if index_batches else []
-    size = -(-len(first) // num_workers) if num_workers > 1 and len(first) >= 2 * num_workers else len(first)
-    head = [first[i : i + size] for i in range(0, len(first), max(size, 1))]
+    table = shared_audio_table(model, prompts.select(range(n)), collator, batch_size, num_workers) if n else None
+    if table is not None:  # every question's prompts read their audio embeddings from it: no audio in the loader
+        table, spans = table
+        loaded = prompts.remove_columns("audio").add_column(AUDIO_SPAN, [spans[j % n] for j in range(len(prompts))])
+        loaded_collator = dataclasses.replace(collator, audio_from_table=True)
+    else:
+        loaded, loaded_collator = prompts, collator
     loader = DataLoader(
-        prompts,
-        batch_sampler=head + index_batches[1:],
-        collate_fn=_CollateOrError(collator),
+        loaded,
+        batch_sampler=index_batches,
+        collate_fn=_CollateOrError(loaded_collator),
         num_workers=num_workers,
         pin_memory=torch.cuda.is_available(),
     )
@@ -183,10 +152,7 @@ def generate_records(
     meta: list[dict[str, Any] | None] = [None] * n
     bar = tqdm(total=len(prompts), desc="evaluating", unit="prompt", disable=not progress)
     try:
-        collated = iter(loader)
-        if head:
-            collated = itertools.chain([concat_parts([next(collated) for _ in head], collator.pad_token_id)], collated)
-        for k, (indices, cache_len, (rows, batch)) in enumerate(zip(index_batches, cache_lens, collated, strict=True)):
+        for k, (indices, cache_len, (rows, batch)) in enumerate(zip(index_batches, cache_lens, loader, strict=True)):
             if k and cache_len != cache_lens[k - 1]:
                 forget_static_cache_length(model)  # the shorter cache freed, its blocks back to the card
                 if torch.cuda.is_available():
@@ -195,7 +161,7 @@ def generate_records(
                 if isinstance(batch, Exception):
                     raise batch
                 out: list[str | Exception] = generate_from_batch(
-                    model, tokenizer, batch, [budget[j] for j in indices], cache_len
+                    model, tokenizer, batch, [budget[j] for j in indices], cache_len, table
                 )
             except Exception:  # find the culprit(s): retry one by one, reading the rows (audio too) again
                 out = []

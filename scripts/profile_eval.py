@@ -14,9 +14,11 @@ Stages, each written to $OUT/profile_eval.json as it ends (a call stopped at its
   for the GPU at every step and passing the audio to every step, without ``inference.stop_check_one_step_late`` and
   ``inference.audio_read_at_prefill_only``), ``codec`` (flash, every recording decoded by torchcodec, as before
   2026-12-02: no direct read of 16 kHz PCM WAVs, and a new static cache every call), ``fresh`` (flash, a new static
-  cache every call: no ``inference.static_cache_reused``). ``--compile-each``: a first run for every variant (their
-  compiled decoding steps differ). ``--decoding``: one APA batch's decoding steps, timed and profiled (after the
-  first and the last variant).
+  cache every call: no ``inference.static_cache_reused``), ``ownaudio`` (flash, every prompt reading its own audio:
+  no ``audio_cache.shared_audio_table``), ``headmajor`` (flash, the prompts' rotary embedding computed in Phi-4's
+  head-major views), ``prior`` (both, as before 2026-12-02's second session). ``--compile-each``: a first run for
+  every variant (their compiled decoding steps differ). ``--decoding``: one APA batch's decoding steps, timed and
+  profiled (after the first and the last variant).
   ``--breakdown``: one more run of the last with every ``generate()`` call timed (each token synchronised).
   ``--timeline``: one more run of the last, unsynchronised, with CUDA events at each ``generate()`` call's entry, its
   prefill's start and end, and its exit: per call, the host's time before it and the GPU's idle time before its
@@ -83,6 +85,7 @@ class Timeline:
         self._saved = [(GenerationMixin, n, getattr(GenerationMixin, n)) for n in ("generate", "_prefill")]
         self._saved += [
             (predictions, "with_lengths", predictions.with_lengths),
+            (predictions, "shared_audio_table", predictions.shared_audio_table),
             (DataLoader, "__iter__", DataLoader.__iter__),
         ]
         manager = cudagraph_trees.CUDAGraphTreeManager
@@ -242,21 +245,27 @@ def main(argv: list[str]) -> None:
     uncropped, flash = inference.prompt_positions, inference.flash_prompt_attention
     deferred, audio_once = inference.stop_check_one_step_late, inference.audio_read_at_prefill_only
     wav_samples, reused = data._wav_samples, inference.static_cache_reused
+    shared_audio, token_major = predictions.shared_audio_table, inference._compiled_rotary
+
+    def head_major(q, k, cos, sin, unsqueeze_dim):  # rotated as Phi-4's head-major views (before 2026-12-02)
+        q, k = token_major(q.transpose(1, 2), k.transpose(1, 2), cos, sin, 1)
+        return q.transpose(1, 2), k.transpose(1, 2)
+
     variants = flags.get("variants", "blocks,flash").split(",")
     blocks = False
     for k, name in enumerate(variants):
+        predictions.shared_audio_table = shared_audio if name in ("flash", "headmajor") else lambda *args: None
+        inference._compiled_rotary = head_major if name in ("prior", "headmajor") else token_major
         inference.prompt_positions = (
             uncropped if name != "before" else lambda query, key, value, mask: (key, value, mask)
         )
-        inference.flash_prompt_attention = (
-            flash if name in ("flash", "synced", "codec", "fresh") else efficient_attention
-        )
-        landed = name in ("flash", "codec", "fresh")
+        inference.flash_prompt_attention = flash if name not in ("before", "crop", "blocks") else efficient_attention
+        landed = name not in ("before", "crop", "blocks", "synced")
         inference.stop_check_one_step_late = deferred if landed else contextlib.nullcontext
         inference.audio_read_at_prefill_only = audio_once if landed else contextlib.nullcontext
         data._wav_samples = wav_samples if name != "codec" else lambda audio: None
-        inference.static_cache_reused = reused if name == "flash" else contextlib.nullcontext
-        if name in ("blocks", "flash", "synced", "codec", "fresh") and not blocks:
+        inference.static_cache_reused = reused if landed and name not in ("codec", "fresh") else contextlib.nullcontext
+        if name not in ("before", "crop") and not blocks:
             print("compiled prompt blocks:", inference.compile_prompt_blocks(model), flush=True)
             blocks = True
             run(f"{name}: first run (compiles)")

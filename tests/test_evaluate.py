@@ -50,37 +50,50 @@ def test_compiled_decoding_answers_as_the_dynamic_cache(run_dir):
     assert any(r["raw"]["apa"] for r in eager)
 
 
-def test_the_first_batch_collated_in_parts_is_the_batch_collated_at_once(run_dir, tiny_processing):
-    """With loader workers the first batch is collated in parts (one per worker) and joined: the same tensors as the
-    collator's batch (a part of one row, which has no audio mask, included), and the same answers."""
+def test_each_recording_is_embedded_once_for_all_its_questions(tiny_model_dir, monkeypatch):
+    """generate_records runs the audio encoder once a recording (shared_audio_table), not once a question, and
+    answers as prompts that read their own audio (batches of one: no padding, so the same embeddings); also through
+    loader workers, and for an empty split."""
     import torch
 
+    from phi4_pron import predictions
     from phi4_pron.data import load_split
-    from phi4_pron.inference import generation_collator, load_adapter_for_inference
-    from phi4_pron.predictions import concat_parts, generate_records
+    from phi4_pron.modeling import load_base_model, load_tokenizer_and_features
 
-    tokenizer, features = tiny_processing
-    collate = generation_collator(tokenizer, features, task_questions("paper"))
-    recordings = load_split(str(MINI), "test", limit=6)
-    rows = [{**recordings[i], "question": "apa" if i % 2 else "mdd"} for i in range(6)]
-    whole = collate(rows)
-    for sizes in ((2, 3, 1), (1, 5)):
-        starts = [sum(sizes[:i]) for i in range(len(sizes))]
-        parts = [(rows[a : a + m], collate(rows[a : a + m])) for a, m in zip(starts, sizes, strict=True)]
-        joined_rows, joined = concat_parts(parts, collate.pad_token_id)
-        assert joined_rows == rows and joined.keys() == whole.keys()
-        assert all(torch.equal(joined[k], whole[k]) for k in whole)
-    failed = ValueError("unreadable")
-    assert concat_parts([parts[0], (parts[1][0], failed)], collate.pad_token_id)[1] is failed
+    model = load_base_model(str(tiny_model_dir), None, torch.float32, "sdpa").eval()
+    tokenizer, fe = load_tokenizer_and_features(str(tiny_model_dir))
+    encoder = model.model.embed_tokens_extend.audio_embed.encoder
+    embedded = []  # the batch size of each audio encoder call
+    encoder.register_forward_hook(lambda module, args, out: embedded.append(len(args[0])))
+    rows = load_split(str(MINI), "test", limit=5)
+    kwargs = dict(max_new_tokens=6, progress=False)
 
-    model, tokenizer, fe, questions = load_adapter_for_inference(run_dir / "final_model")
-    recordings = recordings.select(range(5))
-    kwargs = dict(batch_size=4, max_new_tokens=6, progress=False)
-    alone, in_parts = (
-        generate_records(model, tokenizer, fe, questions, recordings, num_workers=w, **kwargs) for w in (0, 2)
+    def answers(batch_size, num_workers=0):
+        embedded.clear()
+        out = predictions.generate_records(
+            model,
+            tokenizer,
+            fe,
+            task_questions("paper"),
+            rows,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            **kwargs,
+        )
+        return [r["raw"] for r in out], list(embedded)
+
+    shared, calls = answers(1)
+    assert calls == [1] * 5  # 5 recordings, 10 prompts
+    assert answers(2)[1] == [2, 2, 1] and answers(2, num_workers=2)[0] == answers(2)[0]
+    monkeypatch.setattr(predictions, "shared_audio_table", lambda *args: None)
+    own, calls = answers(1)
+    assert calls == [1] * 10 and own == shared and any(r["apa"] for r in own)
+    assert (
+        predictions.generate_records(
+            model, tokenizer, fe, task_questions("paper"), rows.select([]), batch_size=2, **kwargs
+        )
+        == []
     )
-    assert [r["raw"] for r in in_parts] == [r["raw"] for r in alone]
-    assert generate_records(model, tokenizer, fe, questions, recordings.select([]), num_workers=2, **kwargs) == []
 
 
 def test_a_questions_cap_cuts_its_answers_only(run_dir):
@@ -219,6 +232,29 @@ def test_prompt_blocks_compute_what_phi4s_modules_compute(tiny_model_dir, monkey
         before = layer.mlp(h)
         assert inference.compile_prompt_blocks(model) == 1 + 3 * n_layers  # final norm, 2 norms and the MLP a layer
         assert not inference.is_prompt(h) and torch.equal(layer.mlp(h), before)
+
+
+def test_the_prompts_rotary_embedding_is_computed_token_major_and_handed_back_head_major(monkeypatch):
+    """_prompt_rotary (prompts on a GPU, compiled) rotates the token-major tensors behind Phi-4's head-major views:
+    the same values as transformers' function, in the same head-major shape, token-major in memory."""
+    import torch
+    from transformers.models.phi4_multimodal import modeling_phi4_multimodal as phi4_modeling
+
+    from phi4_pron import inference
+
+    monkeypatch.setattr(inference, "is_prompt", lambda hidden, seq_dim=1: True)
+    monkeypatch.setattr(inference, "_compiled_rotary", phi4_modeling.apply_rotary_pos_emb)
+    torch.manual_seed(0)
+    batch, tokens, heads, kv_heads, dim, rotary = 2, 5, 4, 2, 8, 6
+    qkv = torch.randn(batch, tokens, (heads + 2 * kv_heads) * dim)  # the attention's projection, token-major
+    q = qkv[..., : heads * dim].view(batch, tokens, heads, dim).transpose(1, 2)
+    k = qkv[..., heads * dim : (heads + kv_heads) * dim].view(batch, tokens, kv_heads, dim).transpose(1, 2)
+    cos, sin = torch.randn(2, batch, tokens, rotary)
+    expected = phi4_modeling.apply_rotary_pos_emb(q, k, cos, sin)
+    got = inference._prompt_rotary(q, k, cos, sin)
+    for e, g in zip(expected, got, strict=True):
+        assert g.shape == e.shape and torch.equal(g, e)
+        assert g.transpose(1, 2).is_contiguous()
 
 
 def test_the_compiled_decoding_step_has_no_graph_break_and_answers_as_eager(tiny_model_dir, tiny_processing):
