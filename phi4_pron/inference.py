@@ -79,6 +79,51 @@ def flash_prompt_attention(module, query, key, value, attention_mask, scaling=No
     return out.view(batch, width, heads, dim), None
 
 
+def decode_segments(attention_mask: torch.Tensor, kv_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flash attention's key offsets and key counts (int32) for a decoding step (one query token a row) over a
+    head-major static cache (batch, kv_heads, length, dim) read as one sequence of batch x kv_heads x length keys,
+    from the step's boolean mask (batch, 1, 1, length; True: attends), without a host sync.
+
+    Segment i is row i // kv_heads's key/value head i % kv_heads: it starts at the row's first attended position (its
+    left padding skipped) and counts the positions the row attends (the cache's empty tail skipped), which follow
+    each other (a left-padded row attends to one run of positions).
+    """
+    rows = attention_mask[:, 0, -1]
+    batch, length = rows.shape
+    first = rows.int().argmax(-1)  # the first True
+    starts = torch.arange(batch * kv_heads, device=rows.device) * length + first.repeat_interleave(kv_heads)
+    offsets = torch.cat([starts, starts.new_full((1,), batch * kv_heads * length)]).to(torch.int32)
+    return offsets, rows.sum(-1).repeat_interleave(kv_heads).to(torch.int32)
+
+
+def flash_decode_attention(module, query, key, value, attention_mask, scaling=None):
+    """A decoding step's attention (one query token a row) through flash attention, straight over the static cache:
+    each row's key/value heads read from its first prompt position to its current one (:func:`decode_segments`),
+    once for all their query heads (a key/value head's query heads are its segment's query tokens; no causal mask
+    among them). The same as SDPA under the padding mask, which cannot take flash and reads every cached position,
+    padding and empty tail included, in its memory-efficient kernel."""
+    batch, heads, _, dim = query.shape
+    kv_heads, length = key.shape[1], key.shape[2]
+    groups = heads // kv_heads
+    key_offsets, key_counts = decode_segments(attention_mask, kv_heads)
+    query_offsets = torch.arange(batch * kv_heads + 1, device=query.device, dtype=torch.int32) * groups
+    out = torch.ops.aten._flash_attention_forward(
+        query.reshape(batch * heads, 1, dim),
+        key.view(batch * kv_heads * length, 1, dim),
+        value.view(batch * kv_heads * length, 1, dim),
+        query_offsets,
+        key_offsets,
+        groups,
+        length,
+        0.0,
+        False,
+        False,
+        scale=scaling,
+        seqused_k=key_counts,
+    )[0]
+    return out.view(batch, 1, heads, dim), None
+
+
 @functools.cache
 def has_flash(device: torch.device) -> bool:
     """PyTorch's flash kernels run on this GPU: built with them, and an Ampere or newer card (not a V100 or T4)."""
@@ -103,7 +148,8 @@ def sdpa_packed_decode(module, query, key, value, attention_mask, scaling=None, 
     empty cache only where no mask is needed, so not for padded batches), through flash attention where
     :func:`uses_flash`. A single query token's heads are packed onto their key/value heads, so the cache is read once
     (``sdpa`` does that in eager mode only: compiled, it repeats every key/value head for each of its query heads, a
-    copy of the whole cache per layer and step).
+    copy of the whole cache per layer and step), through flash attention over each row's own positions where
+    :func:`uses_flash` (:func:`flash_decode_attention`).
     """
     groups = getattr(module, "num_key_value_groups", 1)
     q_len, plain = query.shape[2], kwargs.get("position_bias") is None
@@ -114,6 +160,8 @@ def sdpa_packed_decode(module, query, key, value, attention_mask, scaling=None, 
             return flash_prompt_attention(module, query, key, value, attention_mask, scaling)
     if q_len != 1 or groups == 1 or not plain:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+    if uses_flash(module, query, attention_mask) and key.is_contiguous() and value.is_contiguous():
+        return flash_decode_attention(module, query, key, value, attention_mask, scaling)
     batch, heads, _, dim = query.shape
     out = torch.nn.functional.scaled_dot_product_attention(
         query.reshape(batch, heads // groups, groups, dim), key, value, attn_mask=attention_mask, scale=scaling
@@ -138,10 +186,10 @@ def gated_mlp(hidden: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -
 
 
 _eager_rotary = phi4_modeling.apply_rotary_pos_emb
-# compiled on first use, one dynamic-shape graph each, shared by every layer
-_compiled_norm, _compiled_mlp, _compiled_rotary = (
-    torch.compile(f, dynamic=True) for f in (rms_norm, gated_mlp, _eager_rotary)
-)
+# compiled on first use, one dynamic-shape graph each, shared by every layer (the rotary embedding's: dynamic in its
+# token count only, see _prompt_rotary)
+_compiled_norm, _compiled_mlp = (torch.compile(f, dynamic=True) for f in (rms_norm, gated_mlp))
+_compiled_rotary = torch.compile(_eager_rotary)
 
 
 def is_prompt(hidden: torch.Tensor, seq_dim: int = 1) -> bool:
@@ -150,16 +198,25 @@ def is_prompt(hidden: torch.Tensor, seq_dim: int = 1) -> bool:
 
 
 def _prompt_rotary(q, k, cos, sin, unsqueeze_dim=1):
-    """transformers' own rotary embedding, compiled for prompts (:func:`is_prompt`) and computed token-major.
+    """transformers' own rotary embedding, compiled for prompts (:func:`is_prompt`), over the token-major tensors
+    behind Phi-4's head-major views (batch, heads, tokens, dim), read as (tokens, heads, dim) and handed back as the
+    same head-major views.
 
-    Phi-4's attention hands it head-major views (batch, heads, tokens, dim) of its token-major projection; rotated
-    as they are, the compiled kernel writes a transposed copy (5.3 ms a layer for an APA batch of 256 on an H200,
-    experiments/benchmarks/eval.md), which flash attention then transposes back. Rotated token-major, both copies are
-    plain reads and writes; the result is handed back as the same head-major view."""
+    Rotated as head-major views, the compiled kernel wrote a transposed copy, with every size a runtime value (a
+    dynamic-shape graph): 7.3 ms a layer for an APA batch of 256 on an H200 (experiments/benchmarks/eval.md). Here
+    only the token count varies (``maybe_mark_dynamic``), so the kernel's index arithmetic divides by constants."""
     if not is_prompt(q, seq_dim=2) or unsqueeze_dim != 1:
         return _eager_rotary(q, k, cos, sin, unsqueeze_dim)
-    q, k = _compiled_rotary(q.transpose(1, 2), k.transpose(1, 2), cos, sin, 2)
-    return q.transpose(1, 2), k.transpose(1, 2)
+    batch, heads, tokens, dim = q.shape
+    flat = [
+        q.transpose(1, 2).reshape(batch * tokens, heads, dim),
+        k.transpose(1, 2).reshape(batch * tokens, k.shape[1], dim),
+        *(x.expand(batch, tokens, -1).reshape(batch * tokens, -1) for x in (cos, sin)),
+    ]
+    for x in flat:
+        torch._dynamo.maybe_mark_dynamic(x, 0)
+    q, k = _compiled_rotary(*flat, 1)
+    return q.view(batch, tokens, heads, dim).transpose(1, 2), k.view(batch, tokens, -1, dim).transpose(1, 2)
 
 
 def compile_prompt_blocks(model) -> int:

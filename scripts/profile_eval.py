@@ -16,9 +16,10 @@ Stages, each written to $OUT/profile_eval.json as it ends (a call stopped at its
   2026-12-02: no direct read of 16 kHz PCM WAVs, and a new static cache every call), ``fresh`` (flash, a new static
   cache every call: no ``inference.static_cache_reused``), ``ownaudio`` (flash, every prompt reading its own audio:
   no ``audio_cache.shared_audio_table``), ``headmajor`` (flash, the prompts' rotary embedding computed in Phi-4's
-  head-major views), ``prior`` (both, as before 2026-12-02's second session). ``--compile-each``: a first run for
-  every variant (their compiled decoding steps differ). ``--decoding``: one APA batch's decoding steps, timed and
-  profiled (after the first and the last variant).
+  head-major views, every size dynamic), ``sdpadecode`` (flash, decoding steps' attention by the packed SDPA over the
+  whole cache: no ``inference.flash_decode_attention``), ``prior`` (all three, as before 2026-12-02's second
+  session). ``--compile-each``: a first run for every variant (their compiled decoding steps differ).
+  ``--decoding``: one APA batch's decoding steps, timed and profiled (after the first and the last variant).
   ``--breakdown``: one more run of the last with every ``generate()`` call timed (each token synchronised).
   ``--timeline``: one more run of the last, unsynchronised, with CUDA events at each ``generate()`` call's entry, its
   prefill's start and end, and its exit: per call, the host's time before it and the GPU's idle time before its
@@ -245,17 +246,20 @@ def main(argv: list[str]) -> None:
     uncropped, flash = inference.prompt_positions, inference.flash_prompt_attention
     deferred, audio_once = inference.stop_check_one_step_late, inference.audio_read_at_prefill_only
     wav_samples, reused = data._wav_samples, inference.static_cache_reused
-    shared_audio, token_major = predictions.shared_audio_table, inference._compiled_rotary
+    shared_audio, flash_decode = predictions.shared_audio_table, inference.flash_decode_attention
+    eager_rotary = inference._eager_rotary
+    compiled_rotary = torch.compile(eager_rotary, dynamic=True)
 
-    def head_major(q, k, cos, sin, unsqueeze_dim):  # rotated as Phi-4's head-major views (before 2026-12-02)
-        q, k = token_major(q.transpose(1, 2), k.transpose(1, 2), cos, sin, 1)
-        return q.transpose(1, 2), k.transpose(1, 2)
+    def head_major(q, k, cos, sin, unsqueeze_dim=1):  # as before 2026-12-02's second session
+        rotary = compiled_rotary if inference.is_prompt(q, seq_dim=2) else eager_rotary
+        return rotary(q, k, cos, sin, unsqueeze_dim)
 
     variants = flags.get("variants", "blocks,flash").split(",")
     blocks = False
     for k, name in enumerate(variants):
-        predictions.shared_audio_table = shared_audio if name in ("flash", "headmajor") else lambda *args: None
-        inference._compiled_rotary = head_major if name in ("prior", "headmajor") else token_major
+        new = name in ("flash", "headmajor", "sdpadecode")  # this session's variants: the table shared
+        predictions.shared_audio_table = shared_audio if new else lambda *args: None
+        inference.flash_decode_attention = flash_decode if name in ("flash", "headmajor") else packed_sdpa_decode
         inference.prompt_positions = (
             uncropped if name != "before" else lambda query, key, value, mask: (key, value, mask)
         )
@@ -265,11 +269,14 @@ def main(argv: list[str]) -> None:
         inference.audio_read_at_prefill_only = audio_once if landed else contextlib.nullcontext
         data._wav_samples = wav_samples if name != "codec" else lambda audio: None
         inference.static_cache_reused = reused if landed and name not in ("codec", "fresh") else contextlib.nullcontext
+        first = k == 0 or "compile-each" in flags
         if name not in ("before", "crop") and not blocks:
             print("compiled prompt blocks:", inference.compile_prompt_blocks(model), flush=True)
-            blocks = True
-            run(f"{name}: first run (compiles)")
-        elif k == 0 or "compile-each" in flags:
+            blocks = first = True
+        if blocks:
+            rotary = head_major if name in ("prior", "headmajor") else inference._prompt_rotary
+            inference.phi4_modeling.apply_rotary_pos_emb = rotary
+        if first:
             run(f"{name}: first run (compiles)")
         run(name)
         save()
@@ -333,7 +340,42 @@ def check_attention(device: str) -> dict:
         "max_abs_diff_real": diff,
         "finite": finite,
         **times,
+        "decoding": check_decode_attention(device),
     }
+
+
+def packed_sdpa_decode(module, query, key, value, mask, scaling=None):
+    """A decoding step's attention as before 2026-12-02's second session: the packed SDPA (memory-efficient kernel
+    under the mask, every cached position read)."""
+    batch, heads, _, dim = query.shape
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query.reshape(batch, key.shape[1], heads // key.shape[1], dim), key, value, attn_mask=mask, scale=scaling
+    )
+    return out.reshape(batch, heads, 1, dim).transpose(1, 2), None
+
+
+def check_decode_attention(device: str, batch: int = 256, length: int = 704) -> dict:
+    """flash_decode_attention against the packed SDPA for one decoding step over a static cache of APA's length:
+    rows left-padded (up to 200 positions), the cache's tail empty (the current position 600)."""
+    torch.manual_seed(0)
+    q = torch.randn(batch, 24, 1, 128, device=device, dtype=torch.bfloat16)
+    k, v = (torch.randn(batch, 8, length, 128, device=device, dtype=torch.bfloat16) for _ in range(2))
+    pos = torch.arange(length, device=device)
+    first = torch.randint(0, 200, (batch,), device=device)
+    mask = ((pos[None] >= first[:, None]) & (pos[None] <= 600))[:, None, None]
+    outs, times = {}, {}
+    for name, fn in (("packed_sdpa", packed_sdpa_decode), ("flash", inference.flash_decode_attention)):
+        outs[name] = fn(None, q, k, v, mask, scaling=128**-0.5)[0]
+        for _ in range(3):
+            fn(None, q, k, v, mask, scaling=128**-0.5)
+        sync()
+        start = time.perf_counter()
+        for _ in range(20):
+            fn(None, q, k, v, mask, scaling=128**-0.5)
+        sync()
+        times[f"{name}_ms"] = round(50 * (time.perf_counter() - start), 4)
+    diff = (outs["flash"] - outs["packed_sdpa"]).abs().max().item()
+    return {"shape": [batch, 24, length, 128], "max_abs_diff": diff, **times}
 
 
 @torch.inference_mode()

@@ -202,6 +202,44 @@ def test_left_padded_segments_give_each_row_its_own_causal_attention():
     assert torch.isfinite(out).all()
 
 
+def test_a_decoding_step_reads_each_rows_own_positions_once_for_its_query_heads(monkeypatch):
+    """flash_decode_attention over the head-major static cache, flash's variable-length kernel emulated on the CPU
+    (segment i: query tokens query_offsets[i] to query_offsets[i + 1], key_counts[i] keys from key_offsets[i]): the
+    packed SDPA's result under the padding mask, each row reading from its first prompt position to the current one."""
+    import torch
+
+    from phi4_pron import inference
+
+    batch, heads, kv_heads, length, dim = 3, 6, 2, 7, 8
+    first, current = torch.tensor([0, 2, 4]), 5  # the rows' left padding; positions after 5 are empty
+    pos = torch.arange(length)
+    mask = ((pos[None] >= first[:, None]) & (pos[None] <= current))[:, None, None]
+    offsets, counts = inference.decode_segments(mask, kv_heads)
+    assert offsets.tolist() == [0, 7, 16, 23, 32, 39, 42] and counts.tolist() == [6, 6, 4, 4, 2, 2]
+    assert offsets.dtype == counts.dtype == torch.int32
+
+    def flash_varlen(q, k, v, q_offsets, k_offsets, max_q, max_k, dropout, causal, debug, scale, seqused_k):
+        assert max_q == heads // kv_heads and max_k == length and not causal
+        out = torch.empty_like(q)
+        for i in range(len(q_offsets) - 1):
+            a, b, start, n = q_offsets[i], q_offsets[i + 1], k_offsets[i], seqused_k[i]
+            keys, values = k[start : start + n], v[start : start + n]
+            attend = torch.nn.functional.scaled_dot_product_attention
+            out[a:b] = attend(*(t.transpose(0, 1) for t in (q[a:b], keys, values)), scale=scale).transpose(0, 1)
+        return (out,)
+
+    monkeypatch.setattr(torch.ops.aten, "_flash_attention_forward", flash_varlen)
+    torch.manual_seed(0)
+    q = torch.randn(batch, heads, 1, dim)
+    k, v = (torch.randn(batch, kv_heads, length, dim) for _ in range(2))
+    out, _ = inference.flash_decode_attention(None, q, k, v, mask, scaling=0.3)
+    packed = torch.nn.functional.scaled_dot_product_attention(
+        q.view(batch, kv_heads, heads // kv_heads, dim), k, v, attn_mask=mask, scale=0.3
+    )
+    assert out.shape == (batch, 1, heads, dim)
+    torch.testing.assert_close(out, packed.reshape(batch, heads, 1, dim).transpose(1, 2))
+
+
 def test_prompt_blocks_compute_what_phi4s_modules_compute(tiny_model_dir, monkeypatch):
     """compile_prompt_blocks' RMSNorm and MLP are the modules' own functions; it leaves an unmerged LoRA model alone
     and CPU tensors (what it compiles runs on a GPU only) on the eager code."""
@@ -235,8 +273,9 @@ def test_prompt_blocks_compute_what_phi4s_modules_compute(tiny_model_dir, monkey
 
 
 def test_the_prompts_rotary_embedding_is_computed_token_major_and_handed_back_head_major(monkeypatch):
-    """_prompt_rotary (prompts on a GPU, compiled) rotates the token-major tensors behind Phi-4's head-major views:
-    the same values as transformers' function, in the same head-major shape, token-major in memory."""
+    """_prompt_rotary (prompts on a GPU, compiled) rotates the token-major tensors behind Phi-4's head-major views,
+    read as (tokens, heads, dim): the same values as transformers' function, in the same head-major shape,
+    token-major in memory."""
     import torch
     from transformers.models.phi4_multimodal import modeling_phi4_multimodal as phi4_modeling
 
@@ -249,12 +288,13 @@ def test_the_prompts_rotary_embedding_is_computed_token_major_and_handed_back_he
     qkv = torch.randn(batch, tokens, (heads + 2 * kv_heads) * dim)  # the attention's projection, token-major
     q = qkv[..., : heads * dim].view(batch, tokens, heads, dim).transpose(1, 2)
     k = qkv[..., heads * dim : (heads + kv_heads) * dim].view(batch, tokens, kv_heads, dim).transpose(1, 2)
-    cos, sin = torch.randn(2, batch, tokens, rotary)
-    expected = phi4_modeling.apply_rotary_pos_emb(q, k, cos, sin)
-    got = inference._prompt_rotary(q, k, cos, sin)
-    for e, g in zip(expected, got, strict=True):
-        assert g.shape == e.shape and torch.equal(g, e)
-        assert g.transpose(1, 2).is_contiguous()
+    for rows in (batch, 1):  # position ids a row, or one row for all
+        cos, sin = torch.randn(2, rows, tokens, rotary)
+        expected = phi4_modeling.apply_rotary_pos_emb(q, k, cos, sin)
+        got = inference._prompt_rotary(q, k, cos, sin)
+        for e, g in zip(expected, got, strict=True):
+            assert g.shape == e.shape and torch.equal(g, e)
+            assert g.transpose(1, 2).is_contiguous()
 
 
 def test_the_compiled_decoding_step_has_no_graph_break_and_answers_as_eager(tiny_model_dir, tiny_processing):
