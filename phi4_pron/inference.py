@@ -186,10 +186,10 @@ def gated_mlp(hidden: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -
 
 
 _eager_rotary = phi4_modeling.apply_rotary_pos_emb
-# compiled on first use, one dynamic-shape graph each, shared by every layer (the rotary embedding's: dynamic in its
-# token count only, see _prompt_rotary)
-_compiled_norm, _compiled_mlp = (torch.compile(f, dynamic=True) for f in (rms_norm, gated_mlp))
-_compiled_rotary = torch.compile(_eager_rotary)
+# compiled on first use, one dynamic-shape graph each, shared by every layer
+_compiled_norm, _compiled_mlp, _compiled_rotary = (
+    torch.compile(f, dynamic=True) for f in (rms_norm, gated_mlp, _eager_rotary)
+)
 
 
 def is_prompt(hidden: torch.Tensor, seq_dim: int = 1) -> bool:
@@ -198,25 +198,15 @@ def is_prompt(hidden: torch.Tensor, seq_dim: int = 1) -> bool:
 
 
 def _prompt_rotary(q, k, cos, sin, unsqueeze_dim=1):
-    """transformers' own rotary embedding, compiled for prompts (:func:`is_prompt`), over the token-major tensors
-    behind Phi-4's head-major views (batch, heads, tokens, dim), read as (tokens, heads, dim) and handed back as the
-    same head-major views.
+    """transformers' own rotary embedding, compiled for prompts (:func:`is_prompt`) and computed token-major.
 
-    Rotated as head-major views, the compiled kernel wrote a transposed copy, with every size a runtime value (a
-    dynamic-shape graph): 7.3 ms a layer for an APA batch of 256 on an H200 (experiments/benchmarks/eval.md). Here
-    only the token count varies (``maybe_mark_dynamic``), so the kernel's index arithmetic divides by constants."""
+    Phi-4's attention hands it head-major views (batch, heads, tokens, dim) of its token-major projection; rotated as
+    they are, the compiled kernel writes a transposed copy: 7.4 ms a layer for an APA batch of 256 on an H200, 5.3 ms
+    token-major (experiments/benchmarks/eval.md). The result is handed back as the same head-major views."""
     if not is_prompt(q, seq_dim=2) or unsqueeze_dim != 1:
         return _eager_rotary(q, k, cos, sin, unsqueeze_dim)
-    batch, heads, tokens, dim = q.shape
-    flat = [
-        q.transpose(1, 2).reshape(batch * tokens, heads, dim),
-        k.transpose(1, 2).reshape(batch * tokens, k.shape[1], dim),
-        *(x.expand(batch, tokens, -1).reshape(batch * tokens, -1) for x in (cos, sin)),
-    ]
-    for x in flat:
-        torch._dynamo.maybe_mark_dynamic(x, 0)
-    q, k = _compiled_rotary(*flat, 1)
-    return q.view(batch, tokens, heads, dim).transpose(1, 2), k.view(batch, tokens, -1, dim).transpose(1, 2)
+    q, k = _compiled_rotary(q.transpose(1, 2), k.transpose(1, 2), cos, sin, 2)
+    return q.transpose(1, 2), k.transpose(1, 2)
 
 
 def compile_prompt_blocks(model) -> int:

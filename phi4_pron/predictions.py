@@ -107,9 +107,10 @@ def generate_records(
     embeddings are computed once, before the first prompt, for all its questions
     (:func:`audio_cache.shared_audio_table`; where a recording cannot be read, every prompt reads its own audio).
     ``num_workers`` DataLoader processes collate the next batches while the GPU generates.
-    ``compiled``: a static cache and compiled decoding steps (:func:`inference.generate_from_batch`), compiled once
-    per question: each question's batches share one cache length (the questions in ascending order of it, since
-    transformers only ever lengthens a static cache) and one batch size (its last batch filled up with repeats).
+    ``compiled``: a static cache and compiled decoding steps (:func:`inference.generate_from_batch`), compiled once:
+    every batch has one cache length (the longest prompt's and its answer's; on a GPU with flash attention a decoding
+    step reads only its rows' own positions) and one batch size (a question's last batch filled up with repeats), so
+    all share one cache.
     """
     names = list(questions)
     n = len(dataset)
@@ -121,18 +122,16 @@ def generate_records(
     prompts = with_lengths(prompts, collator.num_tokens, unreadable_seconds=0.0)
     length = list(prompts["length"])
     budget = [questions[names[j // n]].answer_budget(max_new_tokens) for j in range(len(prompts))]
-    groups = []  # per question: its batches and the cache length they need
+    batches = []  # question by question, longest prompts first
     for k in range(len(names)):
         order = sorted(range(k * n, (k + 1) * n), key=length.__getitem__, reverse=True)
-        batches = [order[i : i + batch_size] for i in range(0, n, batch_size)]
-        if compiled and batches:
+        batches += [order[i : i + batch_size] for i in range(0, n, batch_size)]
+        if compiled and n:
             batches[-1] += batches[-1][:1] * (batch_size - len(batches[-1]))
-        # the longest prompt (8 more: a header's duration may differ a little from the decoded one) + the answer
-        longest = collator.padded_length(length[order[0]] + 8) + budget[order[0]] if order else 0
-        groups.append((static_cache_len(longest, 0) if compiled else None, batches))
-    groups.sort(key=lambda g: g[0] or 0)
-    index_batches = [b for _, batches in groups for b in batches]
-    cache_lens = [cache_len for cache_len, batches in groups for _ in batches]
+    # one static cache for all: the longest prompt (8 more: a header's duration may differ a little from the decoded
+    # one) + its answer; a decoding step reads each row's own positions of it only (inference.flash_decode_attention)
+    longest = max((collator.padded_length(length[b[0]] + 8) + budget[b[0]] for b in batches), default=0)
+    cache_len = static_cache_len(longest, 0) if compiled else None
     forget_static_cache_length(model)
     table = shared_audio_table(model, prompts.select(range(n)), collator, batch_size, num_workers) if n else None
     if table is not None:  # every question's prompts read their audio embeddings from it: no audio in the loader
@@ -143,7 +142,7 @@ def generate_records(
         loaded, loaded_collator = prompts, collator
     loader = DataLoader(
         loaded,
-        batch_sampler=index_batches,
+        batch_sampler=batches,
         collate_fn=_CollateOrError(loaded_collator),
         num_workers=num_workers,
         pin_memory=torch.cuda.is_available(),
@@ -152,11 +151,7 @@ def generate_records(
     meta: list[dict[str, Any] | None] = [None] * n
     bar = tqdm(total=len(prompts), desc="evaluating", unit="prompt", disable=not progress)
     try:
-        for k, (indices, cache_len, (rows, batch)) in enumerate(zip(index_batches, cache_lens, loader, strict=True)):
-            if k and cache_len != cache_lens[k - 1]:
-                forget_static_cache_length(model)  # the shorter cache freed, its blocks back to the card
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()  # before the longer one is allocated
+        for indices, (rows, batch) in zip(batches, loader, strict=True):
             try:
                 if isinstance(batch, Exception):
                     raise batch

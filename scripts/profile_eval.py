@@ -215,10 +215,15 @@ def main(argv: list[str]) -> None:
 
     def run(label: str) -> None:
         sync()
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
         records = generate_records(model, tokenizer, features, questions, dataset, **kwargs)
         sync()
         row = {"label": label, "recordings": len(dataset), "wall_s": round(time.perf_counter() - start, 2)}
+        if device == "cuda":  # the model's weights included
+            row["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+            row["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
         raw = [r["raw"] for r in records]
         if reference:
             row["same_answers"] = sum(

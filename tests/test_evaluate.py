@@ -273,9 +273,8 @@ def test_prompt_blocks_compute_what_phi4s_modules_compute(tiny_model_dir, monkey
 
 
 def test_the_prompts_rotary_embedding_is_computed_token_major_and_handed_back_head_major(monkeypatch):
-    """_prompt_rotary (prompts on a GPU, compiled) rotates the token-major tensors behind Phi-4's head-major views,
-    read as (tokens, heads, dim): the same values as transformers' function, in the same head-major shape,
-    token-major in memory."""
+    """_prompt_rotary (prompts on a GPU, compiled) rotates the token-major tensors behind Phi-4's head-major views:
+    the same values as transformers' function, in the same head-major shape, token-major in memory."""
     import torch
     from transformers.models.phi4_multimodal import modeling_phi4_multimodal as phi4_modeling
 
