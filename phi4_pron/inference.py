@@ -201,7 +201,7 @@ def _prompt_rotary(q, k, cos, sin, unsqueeze_dim=1):
     """transformers' own rotary embedding, compiled for prompts (:func:`is_prompt`) and computed token-major.
 
     Phi-4's attention hands it head-major views (batch, heads, tokens, dim) of its token-major projection; rotated as
-    they are, the compiled kernel writes a transposed copy: 7.4 ms a layer for an APA batch of 256 on an H200, 5.3 ms
+    they are, the compiled kernel writes a transposed copy: 7.4 ms a layer for an APA batch of 256 on an H200, 5.2 ms
     token-major (experiments/benchmarks/eval.md). The result is handed back as the same head-major views."""
     if not is_prompt(q, seq_dim=2) or unsqueeze_dim != 1:
         return _eager_rotary(q, k, cos, sin, unsqueeze_dim)

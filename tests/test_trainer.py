@@ -90,7 +90,8 @@ def test_trainer_logs_what_trl_logs(tiny_model_dir, tiny_processing, mini_train,
             gradient_accumulation_steps=3,
             max_steps=3,
             logging_steps=1,
-            learning_rate=1e-3,
+            learning_rate=1e-2,
+            optim="sgd",  # not Adam, which lets rounding differences grow (see below)
             save_strategy="no",
         )
         trainer.train()
@@ -101,13 +102,14 @@ def test_trainer_logs_what_trl_logs(tiny_model_dir, tiny_processing, mini_train,
         assert got["num_tokens"] == ref["num_tokens"] > 0
         for key in ("loss", "entropy", "mean_token_accuracy", "grad_norm"):
             # Not bit for bit: TRL's forward gets the padding mask (another attention kernel) and sums in another
-            # order, so fp32 results differ by ~1e-6 relative. The first step's values (before any update) agree to
-            # that; Adam divides each update by the root of its squared gradient, which lets those differences grow
-            # in later steps (0.6% in grad_norm at step 3 here, measured). A real difference (a lost token, another
-            # loss scale) changes the first step's values by far more than 1e-3.
+            # order; on an Intel Xeon the first step's grad_norm differed by 3e-4 relative. The differences grow with
+            # each update: with SGD 0.2% and 0.4% in grad_norm at steps 2 and 3 there; with Adam (which divides each
+            # update by its gradient's own magnitude) 4.7% at step 3. A real difference (a lost token, another loss
+            # scale) changes the first step's values by far more than 1e-3. mean_token_accuracy counts argmax hits
+            # among about 260 answer tokens a step: a near-tie flipped after an update moves it by 1/258.
             first_step = ref is reference[0]
-            tolerance = 1e-3 if first_step else 3e-2
-            assert got[key] == pytest.approx(ref[key], rel=tolerance), key
+            tolerance, slack = (1e-3, 0.0) if first_step else (2e-2, 0.01 if key == "mean_token_accuracy" else 0.0)
+            assert got[key] == pytest.approx(ref[key], rel=tolerance, abs=slack), key
     assert fast[0]["num_tokens"] < fast[-1]["num_tokens"]  # counted across logging steps
     assert fast[0]["loss"] != fast[-1]["loss"]  # the steps trained
 
