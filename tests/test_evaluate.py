@@ -276,12 +276,11 @@ def test_the_prompts_rotary_embedding_is_computed_token_major_and_handed_back_he
     """_prompt_rotary (prompts on a GPU, compiled) rotates the token-major tensors behind Phi-4's head-major views:
     the same values as transformers' function, in the same head-major shape, token-major in memory."""
     import torch
-    from transformers.models.phi4_multimodal import modeling_phi4_multimodal as phi4_modeling
 
     from phi4_pron import inference
 
     monkeypatch.setattr(inference, "is_prompt", lambda hidden, seq_dim=1: True)
-    monkeypatch.setattr(inference, "_compiled_rotary", phi4_modeling.apply_rotary_pos_emb)
+    monkeypatch.setattr(inference, "_compiled_rotary", inference._eager_rotary)  # transformers' function
     torch.manual_seed(0)
     batch, tokens, heads, kv_heads, dim, rotary = 2, 5, 4, 2, 8, 6
     qkv = torch.randn(batch, tokens, (heads + 2 * kv_heads) * dim)  # the attention's projection, token-major
@@ -289,7 +288,7 @@ def test_the_prompts_rotary_embedding_is_computed_token_major_and_handed_back_he
     k = qkv[..., heads * dim : (heads + kv_heads) * dim].view(batch, tokens, kv_heads, dim).transpose(1, 2)
     for rows in (batch, 1):  # position ids a row, or one row for all
         cos, sin = torch.randn(2, rows, tokens, rotary)
-        expected = phi4_modeling.apply_rotary_pos_emb(q, k, cos, sin)
+        expected = inference._eager_rotary(q, k, cos, sin)
         got = inference._prompt_rotary(q, k, cos, sin)
         for e, g in zip(expected, got, strict=True):
             assert g.shape == e.shape and torch.equal(g, e)
