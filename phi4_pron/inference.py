@@ -162,9 +162,16 @@ def sdpa_packed_decode(module, query, key, value, attention_mask, scaling=None, 
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
     if uses_flash(module, query, attention_mask) and key.is_contiguous() and value.is_contiguous():
         return flash_decode_attention(module, query, key, value, attention_mask, scaling)
+    return packed_decode_attention(module, query, key, value, attention_mask, scaling)
+
+
+def packed_decode_attention(module, query, key, value, attention_mask, scaling=None):
+    """A decoding step's attention through SDPA, each key/value head's query heads packed onto it (the cache read
+    once), every cached position read under the mask."""
     batch, heads, _, dim = query.shape
+    kv_heads = key.shape[1]
     out = torch.nn.functional.scaled_dot_product_attention(
-        query.reshape(batch, heads // groups, groups, dim), key, value, attn_mask=attention_mask, scale=scaling
+        query.reshape(batch, kv_heads, heads // kv_heads, dim), key, value, attn_mask=attention_mask, scale=scaling
     )
     return out.reshape(batch, heads, 1, dim).transpose(1, 2), None
 

@@ -262,9 +262,11 @@ def main(argv: list[str]) -> None:
     variants = flags.get("variants", "blocks,flash").split(",")
     blocks = False
     for k, name in enumerate(variants):
-        new = name in ("flash", "headmajor", "sdpadecode")  # this session's variants: the table shared
-        predictions.shared_audio_table = shared_audio if new else lambda *args: None
-        inference.flash_decode_attention = flash_decode if name in ("flash", "headmajor") else packed_sdpa_decode
+        shared = name in ("flash", "headmajor", "sdpadecode")  # this session's variants: the table shared
+        predictions.shared_audio_table = shared_audio if shared else lambda *args: None
+        inference.flash_decode_attention = (
+            flash_decode if name in ("flash", "headmajor") else inference.packed_decode_attention
+        )
         inference.prompt_positions = (
             uncropped if name != "before" else lambda query, key, value, mask: (key, value, mask)
         )
@@ -309,6 +311,18 @@ def efficient_attention(module, query, key, value, mask, scaling=None):
     return sdpa_attention_forward(module, query, key, value, mask, scaling=scaling)
 
 
+def ms_per_call(fn, *args, warmup: int, repeat: int, **kwargs) -> float:
+    """Milliseconds ``fn(*args, **kwargs)`` takes on the GPU, averaged over ``repeat`` calls after ``warmup``."""
+    for _ in range(warmup):
+        fn(*args, **kwargs)
+    sync()
+    start = time.perf_counter()
+    for _ in range(repeat):
+        fn(*args, **kwargs)
+    sync()
+    return 1000 * (time.perf_counter() - start) / repeat
+
+
 def check_attention(device: str) -> dict:
     """flash_prompt_attention against SDPA under the mask: random left-padded prompts, APA's batch shape."""
     if device != "cuda":
@@ -328,16 +342,10 @@ def check_attention(device: str) -> dict:
     ref, _ = efficient_attention(module, q, k, v, mask, scaling=128**-0.5)
     out, _ = inference.flash_prompt_attention(module, q, k, v, mask, scaling=128**-0.5)
     diff = (out - ref).abs()[real].max().item()
-    times = {}
-    for name, fn in (("efficient", efficient_attention), ("flash", inference.flash_prompt_attention)):
-        for _ in range(2):
-            fn(module, q, k, v, mask, scaling=128**-0.5)
-        sync()
-        start = time.perf_counter()
-        for _ in range(10):
-            fn(module, q, k, v, mask, scaling=128**-0.5)
-        sync()
-        times[f"{name}_ms"] = round(100 * (time.perf_counter() - start), 3)
+    times = {
+        f"{name}_ms": round(ms_per_call(fn, module, q, k, v, mask, scaling=128**-0.5, warmup=2, repeat=10), 3)
+        for name, fn in (("efficient", efficient_attention), ("flash", inference.flash_prompt_attention))
+    }
     finite = bool(torch.isfinite(out).all())
     return {
         "label": "attention",
@@ -347,16 +355,6 @@ def check_attention(device: str) -> dict:
         **times,
         "decoding": check_decode_attention(device),
     }
-
-
-def packed_sdpa_decode(module, query, key, value, mask, scaling=None):
-    """A decoding step's attention as before 2026-12-02's second session: the packed SDPA (memory-efficient kernel
-    under the mask, every cached position read)."""
-    batch, heads, _, dim = query.shape
-    out = torch.nn.functional.scaled_dot_product_attention(
-        query.reshape(batch, key.shape[1], heads // key.shape[1], dim), key, value, attn_mask=mask, scale=scaling
-    )
-    return out.reshape(batch, heads, 1, dim).transpose(1, 2), None
 
 
 def check_decode_attention(device: str, batch: int = 256, length: int = 704) -> dict:
@@ -369,16 +367,9 @@ def check_decode_attention(device: str, batch: int = 256, length: int = 704) -> 
     first = torch.randint(0, 200, (batch,), device=device)
     mask = ((pos[None] >= first[:, None]) & (pos[None] <= 600))[:, None, None]
     outs, times = {}, {}
-    for name, fn in (("packed_sdpa", packed_sdpa_decode), ("flash", inference.flash_decode_attention)):
+    for name, fn in (("packed_sdpa", inference.packed_decode_attention), ("flash", inference.flash_decode_attention)):
         outs[name] = fn(None, q, k, v, mask, scaling=128**-0.5)[0]
-        for _ in range(3):
-            fn(None, q, k, v, mask, scaling=128**-0.5)
-        sync()
-        start = time.perf_counter()
-        for _ in range(20):
-            fn(None, q, k, v, mask, scaling=128**-0.5)
-        sync()
-        times[f"{name}_ms"] = round(50 * (time.perf_counter() - start), 4)
+        times[f"{name}_ms"] = round(ms_per_call(fn, None, q, k, v, mask, scaling=128**-0.5, warmup=3, repeat=20), 4)
     diff = (outs["flash"] - outs["packed_sdpa"]).abs().max().item()
     return {"shape": [batch, 24, length, 128], "max_abs_diff": diff, **times}
 

@@ -84,7 +84,8 @@ def test_each_recording_is_embedded_once_for_all_its_questions(tiny_model_dir, m
 
     shared, calls = answers(1)
     assert calls == [1] * 5  # 5 recordings, 10 prompts
-    assert answers(2)[1] == [2, 2, 1] and answers(2, num_workers=2)[0] == answers(2)[0]
+    paired, calls = answers(2)
+    assert calls == [2, 2, 1] and answers(2, num_workers=2)[0] == paired
     monkeypatch.setattr(predictions, "shared_audio_table", lambda *args: None)
     own, calls = answers(1)
     assert calls == [1] * 10 and own == shared and any(r["apa"] for r in own)
