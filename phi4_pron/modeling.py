@@ -8,6 +8,7 @@ tokenizer's ``audio_token`` (``<|endoftext11|>``, id 200011); ``speech-lora/`` s
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from torch.utils.checkpoint import checkpoint
 from transformers import AutoFeatureExtractor, AutoModelForCausalLM, AutoTokenizer
 
 from phi4_pron.collator import tokenizer_audio_token_id
@@ -246,6 +248,17 @@ def compile_layers(model, audio: bool = True) -> int:
     layers = [*base.model.layers, *(audio_encoder(model).encoders if audio else [])]
     for layer in layers:
         layer.compile(dynamic=True)
+    return len(layers)
+
+
+def checkpoint_audio_layers(model) -> int:
+    """Recompute each audio conformer layer's activations in the backward instead of keeping them (Unfreeze's
+    trained encoder; transformers checkpoints only the decoder layers); returns how many. The layers then run
+    eagerly (Dynamo captures nothing of a layer whose forward is a checkpoint: ``compile_layers`` leaves them out).
+    They have no dropout (``dropout_rate`` 0), so the recomputation is exact."""
+    layers = audio_encoder(model).encoders
+    for layer in layers:
+        layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
     return len(layers)
 
 

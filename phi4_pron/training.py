@@ -42,6 +42,7 @@ from phi4_pron.modeling import (
     adapter_summary,
     attach_speech_lora,
     audio_token_id,
+    checkpoint_audio_layers,
     compile_layers,
     load_base_model,
     load_tokenizer_and_features,
@@ -261,6 +262,8 @@ def prepare(cfg: DictConfig, device: torch.device | str = "cpu") -> Prepared:
     if cfg.train_audio_encoder:
         note = "off: train_audio_encoder=true trains the audio encoder, so its embeddings change at every step"
         log.info("audio embeddings not cached: %s", note)
+        if cfg.hardware.checkpoint_audio_encoder:
+            log.info("audio encoder: %d layers recomputed in the backward", checkpoint_audio_layers(model))
     elif cfg.hardware.cache_audio_embeddings:
         batch = cfg.eval.batch_size or cfg.hardware.per_device_eval_batch_size
         start = time.perf_counter()
@@ -270,7 +273,8 @@ def prepare(cfg: DictConfig, device: torch.device | str = "cpu") -> Prepared:
         if cached:
             train_ds, collator, audio_table = cached
     if cfg.hardware.compile:
-        n = compile_layers(model, audio=audio_table is None)
+        audio = audio_table is None and not (cfg.train_audio_encoder and cfg.hardware.checkpoint_audio_encoder)
+        n = compile_layers(model, audio=audio)
         log.info("compiled %d layers (the first steps compile them)", n)
     return Prepared(
         model=model,

@@ -66,7 +66,7 @@ def test_gradient_accumulation_is_derived_from_the_effective_batch():
     from phi4_pron.training import gradient_accumulation
 
     assert gradient_accumulation(compose(["hardware=a100"]), world_size=1) == 4  # 64 / 16
-    assert gradient_accumulation(compose(["hardware=h100", "train_audio_encoder=true"]), world_size=1) == 8  # 64 / 8
+    assert gradient_accumulation(compose(["hardware=h100", "train_audio_encoder=true"]), world_size=1) == 4  # 64 / 16
     assert gradient_accumulation(compose(["hardware=a6000"]), world_size=1) == 8  # 64 / 8
     assert gradient_accumulation(compose(["hardware=2x4090"]), world_size=2) == 8
     assert gradient_accumulation(compose(["hardware=2x4090", "train_audio_encoder=true"]), world_size=2) == 16  # 64/4

@@ -235,6 +235,59 @@ def test_unfreeze_trains_the_audio_encoder_in_float32_when_the_model_is_bf16(tin
     assert all(bool((p.detach() != before[n]).all()) for n, p in encoder.items())  # every element moved
 
 
+def test_checkpointed_audio_encoder_gives_the_same_gradients(tiny_model_dir, tiny_processing, mini_train):
+    """hardware.checkpoint_audio_encoder (Unfreeze at a larger batch): each audio layer runs again in the backward,
+    and the loss and every trained gradient are those of the kept activations."""
+    import numpy as np
+    from conftest import compose
+
+    from phi4_pron.modeling import audio_encoder, checkpoint_audio_layers
+    from phi4_pron.training import load_model
+
+    cfg = compose(["model=tiny", "train_audio_encoder=true", "lora=r64", "lora.dropout=0.0"])
+    model = load_model(cfg)[0].train()
+    batch = _batch(tiny_processing, mini_train)
+    calls = []
+    audio_encoder(model).encoders[-1].feed_forward_in.register_forward_hook(lambda *_: calls.append(1))
+
+    def loss_and_gradients():
+        calls.clear()
+        model.zero_grad()
+        np.random.seed(0)  # the encoder's streaming mask is random in training
+        loss = model(**batch).loss
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        return loss.item(), grads, len(calls)
+
+    loss, grads, runs = loss_and_gradients()
+    assert checkpoint_audio_layers(model) == len(audio_encoder(model).encoders)
+    loss_ckpt, grads_ckpt, runs_ckpt = loss_and_gradients()
+    assert (runs, runs_ckpt) == (1, 2)  # recomputed in the backward
+    assert loss_ckpt == pytest.approx(loss, rel=1e-6)
+    assert any(".modules_to_save." in n and g.abs().sum() > 0 for n, g in grads.items())
+    for name, grad in grads.items():
+        torch.testing.assert_close(grads_ckpt[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_prepare_checkpoints_unfreezes_audio_layers_and_leaves_them_uncompiled(tiny_model_dir):
+    """The a100/h100 presets' Unfreeze: prepare() recomputes the audio layers and compiles only the decoder layers."""
+    import functools
+
+    from conftest import compose
+
+    from phi4_pron.modeling import audio_encoder
+    from phi4_pron.training import prepare
+
+    overrides = ["model=tiny", "data=mini", "train_audio_encoder=true", "hardware=h100", "hardware.num_gpus=0"]
+    cfg = compose([*overrides, "data.max_train_samples=2", "hardware.dataloader_num_workers=0"])
+    assert cfg.hardware.checkpoint_audio_encoder and cfg.hardware.compile
+    model = prepare(cfg).model
+    audio_layers = audio_encoder(model).encoders
+    assert all(isinstance(layer.forward, functools.partial) for layer in audio_layers)
+    assert not any(getattr(layer, "_compiled_call_impl", None) for layer in audio_layers)
+    assert all(layer._compiled_call_impl for layer in model.get_base_model().model.layers)
+
+
 def test_ddp_gradients_are_views_into_its_buckets(tiny_model_dir, tiny_processing, mini_train, tmp_path):
     """No second copy of the trainable gradients under DDP (2 GiB for Unfreeze's float32 encoder on a 24 GB card)."""
     trainer = _cpu_trainer(_tiny_lora_model(tiny_model_dir), tiny_processing, mini_train, tmp_path)
