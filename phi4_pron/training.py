@@ -259,10 +259,11 @@ def prepare(cfg: DictConfig, device: torch.device | str = "cpu") -> Prepared:
             "recordings."
         )
     audio_table, note, cache_s = None, "off (hardware.cache_audio_embeddings=false)", None
+    recomputed = cfg.train_audio_encoder and cfg.hardware.checkpoint_audio_encoder  # audio layers left uncompiled
     if cfg.train_audio_encoder:
         note = "off: train_audio_encoder=true trains the audio encoder, so its embeddings change at every step"
         log.info("audio embeddings not cached: %s", note)
-        if cfg.hardware.checkpoint_audio_encoder:
+        if recomputed:
             log.info("audio encoder: %d layers recomputed in the backward", checkpoint_audio_layers(model))
     elif cfg.hardware.cache_audio_embeddings:
         batch = cfg.eval.batch_size or cfg.hardware.per_device_eval_batch_size
@@ -273,8 +274,7 @@ def prepare(cfg: DictConfig, device: torch.device | str = "cpu") -> Prepared:
         if cached:
             train_ds, collator, audio_table = cached
     if cfg.hardware.compile:
-        audio = audio_table is None and not (cfg.train_audio_encoder and cfg.hardware.checkpoint_audio_encoder)
-        n = compile_layers(model, audio=audio)
+        n = compile_layers(model, audio=audio_table is None and not recomputed)
         log.info("compiled %d layers (the first steps compile them)", n)
     return Prepared(
         model=model,

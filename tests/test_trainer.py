@@ -269,7 +269,7 @@ def test_checkpointed_audio_encoder_gives_the_same_gradients(tiny_model_dir, tin
         torch.testing.assert_close(grads_ckpt[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_prepare_checkpoints_unfreezes_audio_layers_and_leaves_them_uncompiled(tiny_model_dir):
+def test_prepare_recomputes_unfreezes_audio_layers_uncompiled(tiny_model_dir):
     """The a100/h100 presets' Unfreeze: prepare() recomputes the audio layers and compiles only the decoder layers."""
     import functools
 
