@@ -36,7 +36,7 @@ def test_fast_path_trains_the_same_model_and_rows_reproduce(tmp_path):
 
 def test_floor_times_the_epoch_that_training_runs(tmp_path):
     """``bench floor`` takes its micro-batches from the same epoch a training row runs: as many, of the same tokens
-    (the Unfreeze row, which also runs the audio encoder, at that preset's batch of 8)."""
+    (the Unfreeze row, which also runs the audio encoder, at its batch of 8)."""
     root, out = str(tmp_path / "bench"), tmp_path / "out"
     run_cli(["-m", "phi4_pron.bench", "floor", "--tiny", "--only", "0", "1", "5", "--root", root, "--out", str(out)])
     run_cli(["-m", "phi4_pron.bench", "train", "--tiny", "--only", "1", "--root", root, "--out", str(out)])
