@@ -123,7 +123,7 @@ class HardwareConfig:
     per_device_eval_batch_size: int = 32
     attn_implementation: str = "sdpa"
     gradient_checkpointing: bool = False
-    checkpoint_audio_encoder: bool = False  # Unfreeze: trained audio layers recomputed in the backward, run uncompiled
+    checkpoint_audio_encoder: bool = False  # Unfreeze: trained audio layers recomputed in the backward
     compile: bool = False  # torch.compile each decoder and audio layer (one compile per run, then faster steps)
     cache_audio_embeddings: bool = True  # frozen audio encoder run once per run, not at every step (audio_cache.py)
     bf16: bool = True

@@ -234,7 +234,7 @@ def attach_speech_lora(
 
 
 def compile_layers(model, audio: bool = True) -> int:
-    """Compile each decoder layer and (``audio``) each frozen audio conformer layer in place; returns how many.
+    """Compile each decoder layer and (``audio``) each audio conformer layer in place; returns how many.
 
     The decoder layers share one graph (the audio layers two: the first takes bf16, the others the fp32 of a layer
     norm under autocast), compiled with dynamic shapes at the first step, so no later batch length recompiles
@@ -253,12 +253,14 @@ def compile_layers(model, audio: bool = True) -> int:
 
 def checkpoint_audio_layers(model) -> int:
     """Recompute each audio conformer layer's activations in the backward instead of keeping them (Unfreeze's
-    trained encoder; transformers checkpoints only the decoder layers); returns how many. The layers then run
-    eagerly (Dynamo captures nothing of a layer whose forward is a checkpoint: ``compile_layers`` leaves them out).
-    They have no dropout (``dropout_rate`` 0), so the recomputation is exact."""
+    trained encoder; transformers checkpoints only the decoder layers); returns how many. The checkpoint wraps the
+    layer's call from outside, so a layer that ``compile_layers`` compiled stays compiled (in the forward and in its
+    recomputation; a checkpoint inside the compiled region would leave Dynamo nothing to capture). The layers have
+    no dropout (``dropout_rate`` 0), so the recomputation is exact."""
     layers = audio_encoder(model).encoders
-    for layer in layers:
-        layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
+    for layer in layers:  # nn.Module.__call__ runs _compiled_call_impl when set (what Module.compile sets)
+        call = layer._compiled_call_impl or layer._call_impl
+        layer._compiled_call_impl = functools.partial(checkpoint, call, use_reentrant=False)
     return len(layers)
 
 

@@ -259,12 +259,9 @@ def prepare(cfg: DictConfig, device: torch.device | str = "cpu") -> Prepared:
             "recordings."
         )
     audio_table, note, cache_s = None, "off (hardware.cache_audio_embeddings=false)", None
-    recomputed = cfg.train_audio_encoder and cfg.hardware.checkpoint_audio_encoder  # audio layers left uncompiled
     if cfg.train_audio_encoder:
         note = "off: train_audio_encoder=true trains the audio encoder, so its embeddings change at every step"
         log.info("audio embeddings not cached: %s", note)
-        if recomputed:
-            log.info("audio encoder: %d layers recomputed in the backward", checkpoint_audio_layers(model))
     elif cfg.hardware.cache_audio_embeddings:
         batch = cfg.eval.batch_size or cfg.hardware.per_device_eval_batch_size
         start = time.perf_counter()
@@ -274,8 +271,10 @@ def prepare(cfg: DictConfig, device: torch.device | str = "cpu") -> Prepared:
         if cached:
             train_ds, collator, audio_table = cached
     if cfg.hardware.compile:
-        n = compile_layers(model, audio=audio_table is None and not recomputed)
+        n = compile_layers(model, audio=audio_table is None)
         log.info("compiled %d layers (the first steps compile them)", n)
+    if cfg.train_audio_encoder and cfg.hardware.checkpoint_audio_encoder:  # around the compiled layers, if compiled
+        log.info("audio encoder: %d layers recomputed in the backward", checkpoint_audio_layers(model))
     return Prepared(
         model=model,
         tokenizer=tokenizer,

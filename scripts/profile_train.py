@@ -1,16 +1,20 @@
 """Where a training command's steps spend their time: ``python -m phi4_pron.train <overrides>`` run in this process
 over optimizer steps 4-5 (after the compile) with torch's profiler (its tables printed: GPU time, then CPU time), or
 over steps 4 to 3+N with ``--sample`` (the main thread's Python stack every 2 ms, stack_sampler.py: no per-op
-overhead) or ``--time`` (only the wall and CPU seconds of those steps). ``--skip-guards``: a trial, from step 4 on
-only the guards that tell the compiled graphs apart are checked (``torch.compiler.set_stance(skip_guard_eval_unsafe=
-True)``).
+overhead) or ``--time`` (only the wall and CPU seconds of those steps); ``--syncs``: every host-device
+synchronisation of steps 4-5 (``torch.cuda.set_sync_debug_mode``), counted by the Python lines that asked for it.
+``--skip-guards``: a trial, from step 4 on only the guards that tell the compiled graphs apart are checked
+(``torch.compiler.set_stance(skip_guard_eval_unsafe=True)``).
 
-    python scripts/profile_train.py [--sample | --time] [--steps=N] [--skip-guards] <overrides of a train.md row>
+    python scripts/profile_train.py [--sample | --time | --syncs] [--steps=N] [--skip-guards] <overrides of a row>
 """
 
+import collections
 import sys
 import tempfile
 import time
+import traceback
+import warnings
 from pathlib import Path
 
 import torch
@@ -60,10 +64,41 @@ class Sample(TrainerCallback):
             self.sampler.report(f"{self.last - self.first} steps")
 
 
+class Syncs(TrainerCallback):
+    """Counts the synchronisations of steps ``first+1`` to ``first+steps`` by the innermost lines outside torch."""
+
+    def __init__(self, first: int = 3, steps: int = 2):
+        self.first, self.last, self.counts, self.show = first, first + steps, collections.Counter(), None
+
+    def _record(self, message, category, filename, lineno, file=None, line=None):
+        if "synchroniz" not in str(message):
+            return self.show(message, category, filename, lineno, file, line)
+        frames = [
+            f
+            for f in traceback.extract_stack()[:-1]
+            if not ("/torch/" in f.filename or f.filename.endswith("warnings.py"))
+        ]
+        self.counts[" <- ".join(f"{Path(f.filename).name}:{f.lineno}" for f in frames[-3:][::-1])] += 1
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.first:
+            torch.cuda.synchronize()
+            warnings.simplefilter("always")
+            self.show, warnings.showwarning = warnings.showwarning, self._record
+            torch.cuda.set_sync_debug_mode("warn")
+        elif state.global_step == self.last and self.show is not None:
+            torch.cuda.set_sync_debug_mode("default")
+            warnings.showwarning = self.show
+            n = self.last - self.first
+            print(f"{sum(self.counts.values())} synchronisations in {n} steps, by caller (innermost first):")
+            for where, count in self.counts.most_common(30):
+                print(f"{count:6d}  {where}")
+
+
 flags = {a for a in sys.argv[1:] if a.startswith("--")}
 overrides = [a for a in sys.argv[1:] if not a.startswith("--")]
 steps = next((int(f.split("=")[1]) for f in flags if f.startswith("--steps=")), 5)
-callback = Profile()
+callback = Syncs() if "--syncs" in flags else Profile()
 if flags & {"--sample", "--time"}:
     interval = 0.002 if "--sample" in flags else None
     callback = Sample(steps=steps, interval=interval, skip_guards="--skip-guards" in flags)
