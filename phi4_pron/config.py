@@ -125,6 +125,9 @@ class HardwareConfig:
     gradient_checkpointing: bool = False
     checkpoint_audio_encoder: bool = False  # Unfreeze: trained audio layers recomputed in the backward
     compile: bool = False  # torch.compile each decoder and audio layer (one compile per run, then faster steps)
+    # with compile: Inductor's C++ wrapper launches the compiled layers' kernels instead of its Python one (less host
+    # time a step; a longer compile, needs a C++ compiler, as Inductor on a GPU does anyway)
+    compile_cpp_wrapper: bool = False
     cache_audio_embeddings: bool = True  # frozen audio encoder run once per run, not at every step (audio_cache.py)
     bf16: bool = True
     dataloader_num_workers: int = 4

@@ -311,6 +311,16 @@ def task_record(cfg: DictConfig) -> dict[str, Any]:
     return OmegaConf.to_container(cfg.task, resolve=True)
 
 
+def compile_settings(hw: DictConfig) -> contextlib.AbstractContextManager:
+    """Inductor's settings for the layers that training compiles (they compile at the first steps, inside
+    ``trainer.train``; per-epoch evaluation runs them eagerly), scoped to training."""
+    if not (hw.compile and hw.compile_cpp_wrapper):
+        return contextlib.nullcontext()
+    import torch._inductor.config
+
+    return torch._inductor.config.patch(cpp_wrapper=True)
+
+
 def run_training(cfg: DictConfig, run_dir: Path | None = None, callbacks: list | None = None) -> dict[str, Any]:
     """Train one configuration in ``run_dir`` (default: Hydra's output folder), with extra Trainer ``callbacks``
     (the benchmark's timer); returns the final training metrics. The folder is locked for the job, and a checkpoint
@@ -411,7 +421,8 @@ def _train(cfg: DictConfig, run_dir: Path, resume: str | None, callbacks: list |
     try:
         if eval_cb is not None and cfg.eval.before_training and resume is None and trainer.is_world_process_zero():
             eval_cb.evaluate(model, epoch=0, step=0)  # the paper's epoch 0: the starting adapter, untrained
-        result = trainer.train(resume_from_checkpoint=resume)
+        with compile_settings(cfg.hardware):
+            result = trainer.train(resume_from_checkpoint=resume)
         if trainer.is_world_process_zero():
             final = run_dir / "final_model"
             trainer.model.save_pretrained(final)

@@ -35,6 +35,7 @@ def test_defaults_are_the_paper_setting():
     assert cfg.task.name == "paper" and list(cfg.task.questions) == ["apa", "mdd"] and not cfg.train_audio_encoder
     assert cfg.model.revision == "refs/pr/70"  # the hub's native layout (main is remote code)
     assert cfg.hardware.per_device_train_batch_size == 16 and cfg.hardware.compile and cfg.model.max_length == 2048
+    assert cfg.hardware.compile_cpp_wrapper and not compose(["hardware=cpu"]).hardware.compile_cpp_wrapper
     assert cfg.model.name_or_path == "microsoft/Phi-4-multimodal-instruct" and cfg.model.dtype == "bfloat16"
     assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.init.value) == (64, 128, 0.05, "fresh")
     r320 = compose(["lora=r320"]).lora

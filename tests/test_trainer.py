@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import task_questions
+from omegaconf import OmegaConf
 
 from phi4_pron.config import LORA_TARGET_MODULES as TARGETS
 
@@ -114,11 +115,17 @@ def test_trainer_logs_what_trl_logs(tiny_model_dir, tiny_processing, mini_train,
     assert fast[0]["loss"] != fast[-1]["loss"]  # the steps trained
 
 
-def test_compiled_layers_give_the_reference_loss_and_gradients(tiny_model_dir, tiny_processing, mini_train, tmp_path):
-    """The fast training path (compiled layers + TRL's fused answer-only LM head) against the plain eager one."""
+@pytest.mark.parametrize("cpp_wrapper", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_compiled_layers_give_the_reference_loss_and_gradients(
+    tiny_model_dir, tiny_processing, mini_train, tmp_path, cpp_wrapper
+):
+    """The fast training path (compiled layers + TRL's fused answer-only LM head) against the plain eager one, with
+    Inductor's Python wrapper and with its C++ one (``hardware.compile_cpp_wrapper``, scoped as training scopes it)."""
     import numpy as np
+    import torch._inductor.config as inductor_config
 
     from phi4_pron.modeling import compile_layers
+    from phi4_pron.training import compile_settings
 
     model = _tiny_lora_model(tiny_model_dir).train()
     for name, p in model.named_parameters():  # B = 0 would hide a wrong LoRA path
@@ -136,7 +143,11 @@ def test_compiled_layers_give_the_reference_loss_and_gradients(tiny_model_dir, t
     ref_loss, ref_grads = loss_and_grads(lambda: model(**batch).loss)
     trainer = _cpu_trainer(model, tiny_processing, mini_train, tmp_path)
     assert compile_layers(model) == 4  # the tiny model's 2 decoder and 2 audio conformer layers
-    fast_loss, fast_grads = loss_and_grads(lambda: trainer.compute_loss(trainer.model, dict(batch)))
+    hardware = OmegaConf.create({"compile": True, "compile_cpp_wrapper": cpp_wrapper})
+    with compile_settings(hardware):  # the layers compile at their first call, the backward's at the first backward
+        assert inductor_config.cpp_wrapper is cpp_wrapper
+        fast_loss, fast_grads = loss_and_grads(lambda: trainer.compute_loss(trainer.model, dict(batch)))
+    assert inductor_config.cpp_wrapper is False  # scoped: later compiles (evaluation's) keep Inductor's default
     assert fast_loss == pytest.approx(ref_loss, rel=1e-5)
     assert set(fast_grads) == set(ref_grads) and len(ref_grads) == 16
     for name, g in ref_grads.items():
