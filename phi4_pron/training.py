@@ -83,6 +83,7 @@ RESUME_SAFE = (
     "experiment_description",
     "hardware.dataloader_num_workers",
     "hardware.per_device_eval_batch_size",
+    "hardware.compile_cpp_wrapper",  # how the compiled kernels are launched (runs from before it lack the key)
 )
 
 
