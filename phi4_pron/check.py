@@ -2,7 +2,8 @@
 
 Loads tokenizer, feature extractor, model and speech adapter exactly as ``phi4_pron.train`` does (the same
 ``training.load_model``), then runs one forward + backward pass on two bundled recordings (every question of the task)
-and one greedy answer per question, and prints a checklist: what each step found, and what to do where one fails.
+and one greedy answer per question, looks for the C++ compiler where the preset launches compiled layers from C++, and
+prints a checklist: what each step found, and what to do where one fails.
 Exits 1 if any step fails.
 """
 
@@ -93,6 +94,16 @@ def run_check(cfg: DictConfig) -> bool:
         answers = generate_answers(m, state["tok"], state["fe"], state["questions"], rows, max_new_tokens=32)
         return "; ".join(f"{r['question']}: {a[:60]!r}" for r, a in zip(rows, answers, strict=True))
 
+    def compiler() -> str:
+        if not (cfg.hardware.compile and cfg.hardware.compile_cpp_wrapper):
+            return "not needed (hardware.compile_cpp_wrapper is off)"
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        from phi4_pron.training import compile_settings
+
+        compile_settings(cfg.hardware)  # raises, naming what to do, where none is found
+        return f"{get_cpp_compiler()} builds the compiled layers' kernel launchers (hardware.compile_cpp_wrapper)"
+
     print(
         f"phi4_pron.check: model={cfg.model.name_or_path} revision={cfg.model.revision} lora={cfg.lora.name} "
         f"task={cfg.task.name}"
@@ -110,6 +121,7 @@ def run_check(cfg: DictConfig) -> bool:
         "a bad loss or no gradient: report it with this output (python -m phi4_pron.check ...)",
     )
     check.step("generation", generate, "generation failed: check the GPU memory and transformers version")
+    check.step("C++ compiler", compiler, "install g++ or train with hardware.compile_cpp_wrapper=false")
     print("all checks passed" if not check.failed else "some checks failed: see [FAIL] above")
     return not check.failed
 

@@ -314,11 +314,21 @@ def task_record(cfg: DictConfig) -> dict[str, Any]:
 
 def compile_settings(hw: DictConfig) -> contextlib.AbstractContextManager:
     """Inductor's settings for the layers that training compiles (they compile at the first steps, inside
-    ``trainer.train``; per-epoch evaluation runs them eagerly), scoped to training."""
+    ``trainer.train``; per-epoch evaluation runs them eagerly), scoped to training. The C++ wrapper's compiler is
+    looked for here, before the model loads."""
     if not (hw.compile and hw.compile_cpp_wrapper):
         return contextlib.nullcontext()
     import torch._inductor.config
+    from torch._inductor import cpp_builder, exc
 
+    try:
+        cpp_builder.get_cpp_compiler()
+    except exc.InvalidCxxCompiler as e:
+        raise RuntimeError(
+            f"hardware.compile_cpp_wrapper=true builds the compiled layers' kernel launchers with a C++ compiler: {e}. "
+            "Install g++ (apt-get install g++, or conda install gxx), name another with the CXX environment "
+            "variable, or train with hardware.compile_cpp_wrapper=false (Inductor's Python wrapper, slower steps)."
+        ) from e
     return torch._inductor.config.patch(cpp_wrapper=True)
 
 
@@ -346,6 +356,7 @@ def _train(cfg: DictConfig, run_dir: Path, resume: str | None, callbacks: list |
         )
     set_seed(cfg.seed)
     args = sft_config(cfg, run_dir, world_size)
+    compiling = compile_settings(cfg.hardware)
     prepared = prepare(cfg, args.device)
     model, tokenizer, feature_extractor = prepared.model, prepared.tokenizer, prepared.feature_extractor
     adapter = adapter_summary(model)
@@ -422,7 +433,7 @@ def _train(cfg: DictConfig, run_dir: Path, resume: str | None, callbacks: list |
     try:
         if eval_cb is not None and cfg.eval.before_training and resume is None and trainer.is_world_process_zero():
             eval_cb.evaluate(model, epoch=0, step=0)  # the paper's epoch 0: the starting adapter, untrained
-        with compile_settings(cfg.hardware):
+        with compiling:
             result = trainer.train(resume_from_checkpoint=resume)
         if trainer.is_world_process_zero():
             final = run_dir / "final_model"

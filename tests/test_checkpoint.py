@@ -122,6 +122,8 @@ def test_a_tokenizer_without_the_models_audio_token_is_refused(tiny_model_dir, t
 @pytest.mark.slow  # a subprocess
 @pytest.mark.parametrize("lora", ["r64", "r320"])
 def test_check_passes_on_the_tiny_checkpoint(lora):
-    proc = run_cli(["-m", "phi4_pron.check", "experiment=smoke", f"lora={lora}"])
-    assert proc.stdout.count("[ ok ]") == 5 and "all checks passed" in proc.stdout
+    compiled = ["hardware.compile=true", "hardware.compile_cpp_wrapper=true"] if lora == "r320" else []
+    proc = run_cli(["-m", "phi4_pron.check", "experiment=smoke", f"lora={lora}", *compiled])
+    assert proc.stdout.count("[ ok ]") == 6 and "all checks passed" in proc.stdout
+    assert ("builds the compiled layers' kernel launchers" in proc.stdout) == (lora == "r320")
     assert ("16 tensors loaded from speech-lora/" in proc.stdout) == (lora == "r320")

@@ -101,6 +101,16 @@ def test_the_cli_refuses_an_added_key_before_loading(tmp_path):
     assert "Loading weights" not in proc.stderr  # (Hydra has made the run folder by then, nothing more)
 
 
+def test_a_missing_cpp_compiler_is_named_before_loading(tmp_path, monkeypatch):
+    monkeypatch.setenv("CXX", "no-such-c++")  # what Inductor looks for (torch._inductor.config.cpp.cxx)
+    args = ["experiment=smoke", "hardware.compile=true", "hardware.compile_cpp_wrapper=true", f"output_root={tmp_path}"]
+    proc = run_cli(["-m", "phi4_pron.train", *args], check=False, timeout=120)
+    assert proc.returncode != 0 and "hardware.compile_cpp_wrapper=false" in proc.stderr
+    assert "no-such-c++" in proc.stderr and "Loading weights" not in proc.stderr
+    proc = run_cli(["-m", "phi4_pron.check", *args], check=False, timeout=300)
+    assert proc.returncode == 1 and "[FAIL] C++ compiler" in proc.stdout and "[ ok ] generation" in proc.stdout
+
+
 def test_a_second_job_on_a_run_folder_fails_at_once(tmp_path):
     from phi4_pron.training import RunFolderError, run_folder_lock
 
