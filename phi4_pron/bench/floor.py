@@ -7,6 +7,7 @@ row of the same settings can only be slower; the gap between the two is what the
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from pathlib import Path
@@ -119,6 +120,7 @@ def run_floor(spec: dict, rows: list, base: list[str], after: list[str]) -> list
 
     from phi4_pron.bench.measure import command
     from phi4_pron.modeling import AUDIO_MODULES, load_base_model, resolve_model_path
+    from phi4_pron.training import compile_settings
 
     cfg = compose("train", [*base, *spec["train"], *after])
     gpu = torch.cuda.is_available()
@@ -158,7 +160,8 @@ def run_floor(spec: dict, rows: list, base: list[str], after: list[str]) -> list
             )
             net = get_peft_model(model, peft_cfg).train()
         torch._dynamo.reset()  # each row compiles its own layers
-        result = floor_row(net, shapes[key], spec["sample"], spec["warmup"], lm_params, cfg.hardware.bf16, audio)
+        with compile_settings(row_cfg.hardware) if gpu else contextlib.nullcontext():  # as training compiles
+            result = floor_row(net, shapes[key], spec["sample"], spec["warmup"], lm_params, cfg.hardware.bf16, audio)
         if net is not model:
             net.unload()  # the LoRA layers out again: the next row starts from the frozen LM
         model.zero_grad(set_to_none=True)
