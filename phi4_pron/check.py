@@ -49,7 +49,7 @@ def run_check(cfg: DictConfig) -> bool:
     from phi4_pron.data import expand_questions, load_split
     from phi4_pron.inference import generate_answers
     from phi4_pron.modeling import check_native_layout, download_hint, resolve_model_path
-    from phi4_pron.training import load_model
+    from phi4_pron.training import cpp_compiler, load_model
 
     device = "cuda" if torch.cuda.is_available() and cfg.hardware.num_gpus > 0 else "cpu"
     state: dict[str, Any] = {}
@@ -95,14 +95,10 @@ def run_check(cfg: DictConfig) -> bool:
         return "; ".join(f"{r['question']}: {a[:60]!r}" for r, a in zip(rows, answers, strict=True))
 
     def compiler() -> str:
-        if not (cfg.hardware.compile and cfg.hardware.compile_cpp_wrapper):
+        found = cpp_compiler(cfg.hardware)  # raises, naming what to do, where none is found
+        if found is None:
             return "not needed (hardware.compile_cpp_wrapper is off)"
-        from torch._inductor.cpp_builder import get_cpp_compiler
-
-        from phi4_pron.training import compile_settings
-
-        compile_settings(cfg.hardware)  # raises, naming what to do, where none is found
-        return f"{get_cpp_compiler()} builds the compiled layers' kernel launchers (hardware.compile_cpp_wrapper)"
+        return f"{found} builds the compiled layers' kernel launchers (hardware.compile_cpp_wrapper)"
 
     print(
         f"phi4_pron.check: model={cfg.model.name_or_path} revision={cfg.model.revision} lora={cfg.lora.name} "

@@ -312,23 +312,31 @@ def task_record(cfg: DictConfig) -> dict[str, Any]:
     return OmegaConf.to_container(cfg.task, resolve=True)
 
 
-def compile_settings(hw: DictConfig) -> contextlib.AbstractContextManager:
-    """Inductor's settings for the layers that training compiles (they compile at the first steps, inside
-    ``trainer.train``; per-epoch evaluation runs them eagerly), scoped to training. The C++ wrapper's compiler is
-    looked for here, before the model loads."""
+def cpp_compiler(hw: DictConfig) -> str | None:
+    """The C++ compiler that builds the compiled layers' kernel launchers (``hardware.compile_cpp_wrapper``), None
+    where the settings use none; a clear error where none is found."""
     if not (hw.compile and hw.compile_cpp_wrapper):
-        return contextlib.nullcontext()
-    import torch._inductor.config
+        return None
     from torch._inductor import cpp_builder, exc
 
     try:
-        cpp_builder.get_cpp_compiler()
+        return cpp_builder.get_cpp_compiler()
     except exc.InvalidCxxCompiler as e:
         raise RuntimeError(
             f"hardware.compile_cpp_wrapper=true builds the compiled layers' kernel launchers with a C++ compiler: {e}. "
             "Install g++ (apt-get install g++, or conda install gxx), name another with the CXX environment "
             "variable, or train with hardware.compile_cpp_wrapper=false (Inductor's Python wrapper, slower steps)."
         ) from e
+
+
+def compile_settings(hw: DictConfig) -> contextlib.AbstractContextManager:
+    """Inductor's settings for the layers that training compiles (they compile at the first steps, inside
+    ``trainer.train``; per-epoch evaluation runs them eagerly), scoped to training. The C++ wrapper's compiler is
+    looked for here, before the model loads."""
+    if cpp_compiler(hw) is None:
+        return contextlib.nullcontext()
+    import torch._inductor.config
+
     return torch._inductor.config.patch(cpp_wrapper=True)
 
 

@@ -7,7 +7,6 @@ row of the same settings can only be slower; the gap between the two is what the
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from pathlib import Path
@@ -160,7 +159,7 @@ def run_floor(spec: dict, rows: list, base: list[str], after: list[str]) -> list
             )
             net = get_peft_model(model, peft_cfg).train()
         torch._dynamo.reset()  # each row compiles its own layers
-        with compile_settings(row_cfg.hardware) if gpu else contextlib.nullcontext():  # as training compiles
+        with compile_settings(row_cfg.hardware):  # as training compiles
             result = floor_row(net, shapes[key], spec["sample"], spec["warmup"], lm_params, cfg.hardware.bf16, audio)
         if net is not model:
             net.unload()  # the LoRA layers out again: the next row starts from the frozen LM
