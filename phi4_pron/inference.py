@@ -26,6 +26,7 @@ from phi4_pron.modeling import (
     audio_token_id,
     load_base_model,
     load_tokenizer_and_features,
+    mark_sizes_static,
 )
 
 DECODE_ATTENTION = "sdpa_packed_decode"
@@ -209,10 +210,13 @@ def _prompt_rotary(q, k, cos, sin, unsqueeze_dim=1):
 
     Phi-4's attention hands it head-major views (batch, heads, tokens, dim) of its token-major projection; rotated as
     they are, the compiled kernel writes a transposed copy: 7.4 ms a layer for an APA batch of 256 on an H200, 5.2 ms
-    token-major (experiments/benchmarks/eval.md). The result is handed back as the same head-major views."""
+    token-major (experiments/benchmarks/eval.md). The result is handed back as the same head-major views. The heads
+    and the head and rotary widths are static in the graph (:func:`phi4_pron.modeling.mark_sizes_static`)."""
     if not is_prompt(q, seq_dim=2) or unsqueeze_dim != 1:
         return _eager_rotary(q, k, cos, sin, unsqueeze_dim)
-    q, k = _compiled_rotary(q.transpose(1, 2), k.transpose(1, 2), cos, sin, 2)
+    q, k = q.transpose(1, 2), k.transpose(1, 2)
+    mark_sizes_static(q, k, cos, sin)
+    q, k = _compiled_rotary(q, k, cos, sin, 2)
     return q.transpose(1, 2), k.transpose(1, 2)
 
 

@@ -233,18 +233,32 @@ def attach_speech_lora(
     return get_peft_model(model, peft_cfg, revision=revision), 0
 
 
+def mark_sizes_static(*tensors: torch.Tensor) -> None:
+    """Have a graph compiled with dynamic shapes take each (batch, tokens, ...) tensor's sizes after the first two as
+    the constants they are.
+
+    With ``dynamic=True`` every input size is a symbol unless something fixes it, and nothing fixes the rotary
+    embedding's width (cos and sin: 96 of Phi-4's 128 head dims): its slices then start at symbolic offsets, which
+    the compiled kernels cannot prove aligned (experiments/benchmarks/train.md, "The rotary width")."""
+    for t in tensors:
+        for dim in range(2, t.dim()):
+            torch._dynamo.mark_static(t, dim)
+
+
 def compile_layers(model, audio: bool = True) -> int:
     """Compile each decoder layer and (``audio``) each audio conformer layer in place; returns how many.
 
     The decoder layers share one graph (the audio layers two: the first takes bf16, the others the fp32 of a layer
     norm under autocast), compiled with dynamic shapes at the first step, so no later batch length recompiles
-    them (batches are padded to a multiple of 8, so their alignment never changes either). The input
+    them (batches are padded to a multiple of 8, so their alignment never changes either); only the batch and
+    its length are symbols in them (the rotary width made static: :func:`mark_sizes_static`). The input
     embeddings are made to require grad, so that the first layer's input is of the same kind as the others'
     (else it needs graphs of its own).
     Parameter names, checkpoints and the saved adapter are unchanged.
     """
     base = model.get_base_model() if isinstance(model, PeftModel) else model
     base.enable_input_require_grads()
+    base.model.rotary_emb.register_forward_hook(lambda _module, _args, cos_sin: mark_sizes_static(*cos_sin))
     layers = [*base.model.layers, *(audio_encoder(model).encoders if audio else [])]
     for layer in layers:
         layer.compile(dynamic=True)

@@ -17,8 +17,10 @@ Stages, each written to $OUT/profile_eval.json as it ends (a call stopped at its
   cache every call: no ``inference.static_cache_reused``), ``ownaudio`` (flash, every prompt reading its own audio:
   no ``audio_cache.shared_audio_table``), ``headmajor`` (flash, the prompts' rotary embedding computed in Phi-4's
   head-major views, every size dynamic), ``sdpadecode`` (flash, decoding steps' attention by the packed SDPA over the
-  whole cache: no ``inference.flash_decode_attention``), ``prior`` (all three, as before 2026-12-02's second
-  session). ``--compile-each``: a first run for every variant (their compiled decoding steps differ).
+  whole cache: no ``inference.flash_decode_attention``), ``symbolicwidth`` (flash, the prompts' rotary embedding with
+  every size a symbol: no ``modeling.mark_sizes_static``, as before 2026-12-03's third session), ``prior`` (all
+  three, as before 2026-12-02's second session). ``--compile-each``: a first run for every variant (their compiled
+  decoding steps differ).
   ``--decoding``: one APA batch's decoding steps, timed and profiled (after the first and the last variant).
   ``--breakdown``: one more run of the last with every ``generate()`` call timed (each token synchronised).
   ``--timeline``: one more run of the last, unsynchronised, with CUDA events at each ``generate()`` call's entry, its
@@ -252,7 +254,13 @@ def main(argv: list[str]) -> None:
     deferred, audio_once = inference.stop_check_one_step_late, inference.audio_read_at_prefill_only
     wav_samples, reused = data._wav_samples, inference.static_cache_reused
     shared_audio, flash_decode = predictions.shared_audio_table, inference.flash_decode_attention
-    eager_rotary = inference._eager_rotary
+    eager_rotary, mark_static, landed_rotary = (
+        inference._eager_rotary,
+        inference.mark_sizes_static,
+        inference._compiled_rotary,
+    )
+    # a code object of its own, so that Dynamo's cache of the landed graph (static widths) does not serve it
+    symbolic_rotary = torch.compile(lambda q, k, cos, sin, dim: eager_rotary(q, k, cos, sin, dim), dynamic=True)
     compiled_rotary = torch.compile(eager_rotary, dynamic=True)
 
     def head_major(q, k, cos, sin, unsqueeze_dim=1):  # as before 2026-12-02's second session
@@ -262,11 +270,19 @@ def main(argv: list[str]) -> None:
     variants = flags.get("variants", "blocks,flash").split(",")
     blocks = False
     for k, name in enumerate(variants):
-        shared = name in ("flash", "headmajor", "sdpadecode")  # this session's variants: the table shared
+        shared = name in (
+            "flash",
+            "headmajor",
+            "sdpadecode",
+            "symbolicwidth",
+        )  # this session's variants: the table shared
         predictions.shared_audio_table = shared_audio if shared else lambda *args: None
         inference.flash_decode_attention = (
-            flash_decode if name in ("flash", "headmajor") else inference.packed_decode_attention
+            flash_decode if name in ("flash", "headmajor", "symbolicwidth") else inference.packed_decode_attention
         )
+        symbolic = name == "symbolicwidth"
+        inference.mark_sizes_static = (lambda *tensors: None) if symbolic else mark_static
+        inference._compiled_rotary = symbolic_rotary if symbolic else landed_rotary
         inference.prompt_positions = (
             uncropped if name != "before" else lambda query, key, value, mask: (key, value, mask)
         )

@@ -154,6 +154,40 @@ def test_compiled_layers_give_the_reference_loss_and_gradients(
         assert (fast_grads[name] - g).norm() <= 1e-4 * g.norm() + 1e-8, name
 
 
+def test_compiled_decoder_layers_have_only_the_batch_and_its_length_as_symbols(
+    tiny_model_dir, tiny_processing, mini_train
+):
+    """compile_layers' dynamic-shape decoder graphs see the rotary embedding's width (cos and sin's last size) as the
+    constant it is (a symbolic width puts the rotary slices at offsets the kernels cannot prove aligned) and the batch
+    and its length as symbols (so a new length compiles nothing)."""
+    from torch.fx.experimental.symbolic_shapes import free_symbols
+
+    from phi4_pron.modeling import compile_layers
+
+    model = _tiny_lora_model(tiny_model_dir).train()
+    compile_layers(model, audio=False)
+    graphs = []
+
+    def record(gm, example_inputs):  # Dynamo's graph, as Inductor would get it
+        graphs.append({n.name: n.meta["example_value"] for n in gm.graph.nodes if n.op == "placeholder"})
+        return gm.forward
+
+    config = model.config
+    for layer in model.get_base_model().model.layers:
+        layer.compile(dynamic=True, backend=record)  # compile_layers' own setting, seen through the recorder
+    model(**_batch(tiny_processing, mini_train), use_cache=False)
+
+    assert graphs
+    cos_sin = [v for g in graphs for k, v in g.items() if "position_embeddings" in k]
+    hidden = [v for g in graphs for k, v in g.items() if k.endswith("args_0_")]
+    assert len(cos_sin) == 2 * len(graphs) and len(hidden) == len(graphs)
+    width = int(config.hidden_size // config.num_attention_heads * config.rope_parameters["partial_rotary_factor"])
+    for t in cos_sin:
+        assert not free_symbols(t.shape[-1]) and t.shape[-1] == width  # in this order: == would specialize a symbol
+    for t in hidden:
+        assert all(free_symbols(n) for n in t.shape[:2])  # batch and length
+
+
 def test_cached_audio_embeddings_give_the_reference_loss_and_gradients(
     tiny_model_dir, tiny_processing, mini_train, tmp_path
 ):

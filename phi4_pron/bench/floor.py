@@ -118,7 +118,7 @@ def run_floor(spec: dict, rows: list, base: list[str], after: list[str]) -> list
     from peft import LoraConfig, cast_mixed_precision_params, get_peft_model
 
     from phi4_pron.bench.measure import command
-    from phi4_pron.modeling import AUDIO_MODULES, load_base_model, resolve_model_path
+    from phi4_pron.modeling import AUDIO_MODULES, compile_layers, load_base_model, resolve_model_path
     from phi4_pron.training import compile_settings
 
     cfg = compose("train", [*base, *spec["train"], *after])
@@ -130,10 +130,8 @@ def run_floor(spec: dict, rows: list, base: list[str], after: list[str]) -> list
     model.requires_grad_(False).train()
     lm_params = sum(p.numel() for n, p in model.named_parameters() if ".layers." in n and "audio" not in n)
     lm_params += model.get_output_embeddings().weight.numel()
-    audio_layers = list(model.model.embed_tokens_extend.audio_embed.encoder.encoders)
     if gpu:
-        for layer in [*model.model.layers, *audio_layers]:  # as compile_layers: dynamic-shape graphs
-            layer.compile(dynamic=True)
+        compile_layers(model)  # as training compiles them
     shapes: dict[tuple, list] = {}
     out = []
     for i, row in rows:
