@@ -13,8 +13,10 @@ Each variant in the order before, after, before again (a drift check), after ``t
 CUDA events over ``--iters`` calls after warm-up calls at two lengths; then the variant's five longest GPU kernels.
 
     python scripts/compiled_layer_ab.py [--iters=N]      (writes $OUT/compiled_layer_ab.json when OUT is set)
+    python scripts/compiled_layer_ab.py --conv-check     (CPU: the token-major module against transformers' forward)
 """
 
+import functools
 import json
 import os
 import sys
@@ -38,7 +40,7 @@ CONFIG._attn_implementation = "sdpa"
 def token_major_conv_module(module, hidden_states: torch.Tensor) -> torch.Tensor:
     """``Phi4MultimodalAudioConvModule.forward`` on (batch, time, channels) throughout: its 1x1 convolutions as matrix
     products and its causal depthwise convolution as the sum of ``kernel_size`` shifted products, the same arithmetic
-    without a cuDNN call or a transpose around it (on a CPU: output within 2e-6, gradients within 3e-7 relative)."""
+    without a cuDNN call or a transpose around it (``--conv-check``)"""
     glu, dw, pw, out_conv = (
         module.glu,
         module.dw_sep_conv_1d.dw_conv,
@@ -125,8 +127,6 @@ def prompt_case(static: bool, iters: int) -> dict:
 
 
 def conformer_case(token_major: bool, iters: int) -> dict:
-    import functools
-
     from torch.utils.checkpoint import checkpoint
 
     audio = CONFIG.audio_config
@@ -152,7 +152,33 @@ def conformer_case(token_major: bool, iters: int) -> dict:
     return {"case": "conformer fwd+bwd, 16 x 64", "token_major": token_major, "ms": ms, "top_kernels_ms": top}
 
 
+def conv_check() -> None:
+    """The token-major convolution module's output and gradients against transformers' forward (float32)."""
+    torch.manual_seed(0)
+    module = phi4.Phi4MultimodalAudioConvModule(CONFIG.audio_config).eval()
+    for p in module.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    x = torch.randn(3, 37, CONFIG.audio_config.hidden_size, requires_grad=True)
+    results = []
+    for forward in (module, functools.partial(token_major_conv_module, module)):
+        module.zero_grad()
+        x.grad = None
+        out = forward(x)
+        out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(1)))
+        results.append(
+            (out.detach(), {"x": x.grad.clone()} | {n: p.grad.clone() for n, p in module.named_parameters()})
+        )
+    (ref, ref_grads), (out, grads) = results
+    rel = max(((grads[n] - g).norm() / g.norm()).item() for n, g in ref_grads.items() if g.norm() > 0)
+    print(
+        f"output: largest difference {(out - ref).abs().max().item():.2e} (largest value {ref.abs().max().item():.2f})"
+    )
+    print(f"gradients: largest relative difference {rel:.2e}")
+
+
 def main() -> None:
+    if "--conv-check" in sys.argv:
+        return conv_check()
     iters = int(next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--iters=")), 20))
     results = []
     for case in (conformer_case, layer_case, prompt_case):
