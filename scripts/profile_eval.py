@@ -254,11 +254,8 @@ def main(argv: list[str]) -> None:
     deferred, audio_once = inference.stop_check_one_step_late, inference.audio_read_at_prefill_only
     wav_samples, reused = data._wav_samples, inference.static_cache_reused
     shared_audio, flash_decode = predictions.shared_audio_table, inference.flash_decode_attention
-    eager_rotary, mark_static, landed_rotary = (
-        inference._eager_rotary,
-        inference.mark_sizes_static,
-        inference._compiled_rotary,
-    )
+    eager_rotary, landed_rotary = inference._eager_rotary, inference._compiled_rotary
+    mark_static = inference.mark_sizes_static
     # a code object of its own, so that Dynamo's cache of the landed graph (static widths) does not serve it
     symbolic_rotary = torch.compile(lambda q, k, cos, sin, dim: eager_rotary(q, k, cos, sin, dim), dynamic=True)
     compiled_rotary = torch.compile(eager_rotary, dynamic=True)
@@ -270,16 +267,10 @@ def main(argv: list[str]) -> None:
     variants = flags.get("variants", "blocks,flash").split(",")
     blocks = False
     for k, name in enumerate(variants):
-        shared = name in (
-            "flash",
-            "headmajor",
-            "sdpadecode",
-            "symbolicwidth",
-        )  # this session's variants: the table shared
+        flash_decoding = name in ("flash", "headmajor", "symbolicwidth")
+        shared = flash_decoding or name == "sdpadecode"  # this session's variants: the table shared
         predictions.shared_audio_table = shared_audio if shared else lambda *args: None
-        inference.flash_decode_attention = (
-            flash_decode if name in ("flash", "headmajor", "symbolicwidth") else inference.packed_decode_attention
-        )
+        inference.flash_decode_attention = flash_decode if flash_decoding else inference.packed_decode_attention
         symbolic = name == "symbolicwidth"
         inference.mark_sizes_static = (lambda *tensors: None) if symbolic else mark_static
         inference._compiled_rotary = symbolic_rotary if symbolic else landed_rotary
