@@ -18,6 +18,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from torch.utils.checkpoint import checkpoint
 from transformers import AutoFeatureExtractor, AutoModelForCausalLM, AutoTokenizer
+from transformers.models.phi4_multimodal.modeling_phi4_multimodal import Phi4MultimodalAudioConvModule
 
 from phi4_pron.collator import tokenizer_audio_token_id
 from phi4_pron.config import HUB_MODEL_ID, NATIVE_REVISION, REPO_ROOT, LoraInit
@@ -245,24 +246,54 @@ def mark_sizes_static(*tensors: torch.Tensor) -> None:
             torch._dynamo.mark_static(t, dim)
 
 
+class TokenMajorConvModule(Phi4MultimodalAudioConvModule):
+    """Phi-4's conformer convolution module computed on (batch, time, channels) throughout: its 1x1 convolutions as
+    matrix products and its causal depthwise convolution as the sum of ``kernel_size`` shifted products. The same
+    arithmetic and parameters (tests/test_trainer.py compares outputs and gradients), but no convolution for Inductor
+    to lower: its lowering of a convolution's backward fixes the time length as a constant (torch 2.13:
+    ``convolution_backward_lowering`` guards the input gradient's strides), so each new audio length recompiled the
+    compiled conformer layers, until Dynamo's recompile limit (8) left every later length to run them uncompiled.
+    :func:`compile_layers` gives this class to the modules it compiles (one class, so one guard for every layer)."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        glu, dw, pw, out_conv = self.glu, self.dw_sep_conv_1d.dw_conv, self.dw_sep_conv_1d.pw_conv, self.ext_pw_conv_1d
+        linear = torch.nn.functional.linear
+        h = linear(self.layer_norm(hidden_states), glu.ext_pw_conv_1d.weight[..., 0], glu.ext_pw_conv_1d.bias)
+        d = glu.output_dim
+        h = (h[..., :d] + glu.b1[0, :, 0]) * glu.glu_act(h[..., d : 2 * d] + glu.b2[0, :, 0])
+        k, steps = dw.kernel_size[0], h.shape[1]
+        weight = dw.weight[:, 0, :].to(h.dtype)  # (channels, k): output t sees inputs t-k+1 .. t
+        padded = torch.nn.functional.pad(h, (0, 0, k - 1, 0))
+        h = sum(padded[:, j : j + steps] * weight[:, j] for j in range(k)) + dw.bias.to(h.dtype)
+        h = linear(h, pw.weight[..., 0], pw.bias)
+        return self.dropout(linear(self.act(h), out_conv.weight[..., 0], out_conv.bias))
+
+
 def compile_layers(model, audio: bool = True) -> int:
     """Compile each decoder layer and (``audio``) each audio conformer layer in place; returns how many.
 
     The decoder layers share one graph (the audio layers two: the first takes bf16, the others the fp32 of a layer
     norm under autocast), compiled with dynamic shapes at the first step, so no later batch length recompiles
     them (batches are padded to a multiple of 8, so their alignment never changes either); only the batch and
-    its length are symbols in them (the rotary width made static: :func:`mark_sizes_static`). The input
-    embeddings are made to require grad, so that the first layer's input is of the same kind as the others'
+    its length are symbols in them (the rotary width made static: :func:`mark_sizes_static`). The conformer layers'
+    convolution modules run token-major (:class:`TokenMajorConvModule`), so no audio length recompiles those either. The
+    input embeddings are made to require grad, so that the first layer's input is of the same kind as the others'
     (else it needs graphs of its own).
     Parameter names, checkpoints and the saved adapter are unchanged.
     """
     base = model.get_base_model() if isinstance(model, PeftModel) else model
     base.enable_input_require_grads()
     base.model.rotary_emb.register_forward_hook(lambda _module, _args, cos_sin: mark_sizes_static(*cos_sin))
-    layers = [*base.model.layers, *(audio_encoder(model).encoders if audio else [])]
-    for layer in layers:
+    conformers = list(audio_encoder(model).encoders) if audio else []
+    for layer in conformers:
+        dw = layer.conv.dw_sep_conv_1d.dw_conv
+        if (
+            dw.groups == dw.in_channels == dw.out_channels
+        ):  # one filter a channel (depthwise_multiplier 1), as published
+            layer.conv.__class__ = TokenMajorConvModule
+    for layer in [*base.model.layers, *conformers]:
         layer.compile(dynamic=True)
-    return len(layers)
+    return len(base.model.layers) + len(conformers)
 
 
 def checkpoint_audio_layers(model) -> int:

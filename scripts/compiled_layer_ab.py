@@ -7,7 +7,8 @@ constant in the dynamic-shape graphs, and the audio conformer's convolution modu
   (256 x 600 tokens, token-major views of the projection, as ``inference._prompt_rotary`` hands them);
 - ``conformer``: one full-size audio conformer layer as Unfreeze trains it (float32 weights under bf16 autocast,
   compiled, recomputed in the backward), forward and backward at 16 recordings x 64 frames, its convolution module
-  as transformers runs it (cuDNN) or token-major (``token_major_conv_module`` here: tried on 2026-12-03, not landed).
+  as transformers runs it (cuDNN) or token-major (``modeling.TokenMajorConvModule``: no gain at one length on
+  2026-12-03; landed later that day because it keeps the compiled layers from recompiling at each audio length).
 
 Each variant in the order before, after, before again (a drift check), after ``torch._dynamo.reset()``; timed by
 CUDA events over ``--iters`` calls after warm-up calls at two lengths; then the variant's five longest GPU kernels.
@@ -27,7 +28,7 @@ from transformers import Phi4MultimodalConfig
 from transformers.models.phi4_multimodal import modeling_phi4_multimodal as phi4
 
 from phi4_pron import inference
-from phi4_pron.modeling import mark_sizes_static
+from phi4_pron.modeling import TokenMajorConvModule, mark_sizes_static
 
 CONFIG = Phi4MultimodalConfig(  # Phi-4-multimodal-instruct's sizes, as phi4_pron.bench.stand_in.full_config
     num_attention_heads=24,
@@ -35,28 +36,6 @@ CONFIG = Phi4MultimodalConfig(  # Phi-4-multimodal-instruct's sizes, as phi4_pro
     rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.75},
 )
 CONFIG._attn_implementation = "sdpa"
-
-
-def token_major_conv_module(module, hidden_states: torch.Tensor) -> torch.Tensor:
-    """``Phi4MultimodalAudioConvModule.forward`` on (batch, time, channels) throughout: its 1x1 convolutions as matrix
-    products and its causal depthwise convolution as the sum of ``kernel_size`` shifted products, the same arithmetic
-    without a cuDNN call or a transpose around it (``--conv-check``)"""
-    glu, dw, pw, out_conv = (
-        module.glu,
-        module.dw_sep_conv_1d.dw_conv,
-        module.dw_sep_conv_1d.pw_conv,
-        module.ext_pw_conv_1d,
-    )
-    linear = torch.nn.functional.linear
-    h = linear(module.layer_norm(hidden_states), glu.ext_pw_conv_1d.weight[..., 0], glu.ext_pw_conv_1d.bias)
-    d = glu.output_dim
-    h = (h[..., :d] + glu.b1[0, :, 0]) * glu.glu_act(h[..., d : 2 * d] + glu.b2[0, :, 0])
-    k, steps = dw.kernel_size[0], h.shape[1]
-    weight = dw.weight[:, 0, :].to(h.dtype)  # (channels, k): output t sees inputs t-k+1 .. t
-    padded = torch.nn.functional.pad(h, (0, 0, k - 1, 0))
-    h = sum(padded[:, j : j + steps] * weight[:, j] for j in range(k)) + dw.bias.to(h.dtype)
-    h = linear(h, pw.weight[..., 0], pw.bias)
-    return module.dropout(linear(module.act(h), out_conv.weight[..., 0], out_conv.bias))
 
 
 def timed(step, iters: int) -> tuple[float, list]:
@@ -132,7 +111,7 @@ def conformer_case(token_major: bool, iters: int) -> dict:
     audio = CONFIG.audio_config
     layer = phi4.Phi4MultimodalAudioConformerEncoderLayer(audio).cuda().train()
     if token_major:
-        layer.conv.forward = functools.partial(token_major_conv_module, layer.conv)
+        layer.conv.__class__ = TokenMajorConvModule
     layer.compile(dynamic=True)
     heads = audio.num_attention_heads
 
@@ -160,7 +139,7 @@ def conv_check() -> None:
         torch.nn.init.normal_(p, std=0.05)
     x = torch.randn(3, 37, CONFIG.audio_config.hidden_size, requires_grad=True)
     results = []
-    for forward in (module, functools.partial(token_major_conv_module, module)):
+    for forward in (module, functools.partial(TokenMajorConvModule.forward, module)):
         module.zero_grad()
         x.grad = None
         out = forward(x)

@@ -48,3 +48,19 @@ def test_floor_times_the_epoch_that_training_runs(tmp_path):
         assert row["tokens_per_sample"] == pytest.approx(train["tokens_per_sample"], abs=0.05)
         assert 0 <= row["padding_share"] < 0.2 and row["epoch_s"] > 0
     assert lora["lora"] == "r64" and "lora=r64" in lora["command"]
+
+
+def test_epoch_rows_time_every_step_after_the_compiling_ones(tmp_path):
+    """``bench train --epoch``: the row trains its first epoch and times every step after its ``warmup`` ones; the
+    epoch figure scales that wall by the samples of the epoch over those of the timed steps."""
+    import math
+
+    from phi4_pron.bench.__main__ import TINY_AFTER, TINY_BASE
+    from phi4_pron.bench.measure import train_row
+
+    overrides = [*TINY_BASE, *TINY_AFTER, "optim.effective_batch_size=16", "hardware.per_device_train_batch_size=4"]
+    row = train_row(overrides, warmup=1, steps=-1, run_dir=tmp_path / "run")
+    assert row["samples_per_epoch"] == 64 and row["timed"] == "steps 2-4 (to the epoch's end)"
+    assert "optim.epochs=1" in row["command"] and "max_steps" not in row["command"]
+    assert math.isfinite(row["epoch_s"]) and row["epoch_s"] == pytest.approx(64 / row["samples_per_s"])
+    assert row["s_per_step"] == pytest.approx(48 / row["samples_per_s"] / 3)  # 3 timed steps of 16

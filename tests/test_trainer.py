@@ -188,6 +188,47 @@ def test_compiled_decoder_layers_have_only_the_batch_and_its_length_as_symbols(
         assert all(free_symbols(n) for n in t.shape[:2])  # batch and length
 
 
+def test_compiled_audio_layers_take_any_audio_length_with_the_reference_gradients(tiny_model_dir):
+    """Unfreeze's audio conformer layers, compiled and recomputed in the backward as training runs them: the first
+    audio length compiles them, later lengths compile nothing (before their convolution ran token-major, Inductor's
+    lowering of its backward fixed the length, so each new one recompiled until Dynamo's limit of 8 left the rest
+    uncompiled), and the encoder's output and every gradient are the eager encoder's."""
+    import numpy as np
+    from transformers import AutoModelForCausalLM
+
+    from phi4_pron.modeling import TokenMajorConvModule, audio_encoder, checkpoint_audio_layers, compile_layers
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).train()
+    encoder = audio_encoder(model).requires_grad_(True)
+    for p in encoder.parameters():  # the published zero-initialised biases would hide a wrong bias path
+        torch.nn.init.normal_(p, std=0.05)
+    size = model.config.audio_config.input_size
+
+    def run(frames: int):
+        features = torch.randn(2, frames, size, generator=torch.Generator().manual_seed(frames))
+        mask = torch.ones(2, frames, dtype=torch.bool)
+        mask[1, frames // 2 :] = False  # a shorter recording in the batch
+        np.random.seed(0)  # the encoder draws its streaming-mask layout in training mode
+        encoder.zero_grad()
+        out = encoder(features, mask)
+        out.pow(2).mean().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in encoder.named_parameters()}
+
+    lengths = (80, 136, 208, 56)  # 10, 17, 26, 7 frames after the encoder's 8x time reduction
+    ref = [run(n) for n in lengths]
+    compile_layers(model)
+    checkpoint_audio_layers(model)
+    assert all(type(layer.conv) is TokenMajorConvModule for layer in encoder.encoders)
+    fast = [run(lengths[0])]
+    with torch.compiler.set_stance("fail_on_recompile"):  # raises at a recompilation
+        fast += [run(n) for n in lengths[1:]]
+    for (ref_out, ref_grads), (out, grads) in zip(ref, fast, strict=True):
+        assert (out - ref_out).abs().max() <= 1e-4 * ref_out.abs().max()
+        assert set(grads) == set(ref_grads)
+        for name, g in ref_grads.items():
+            assert (grads[name] - g).norm() <= 1e-4 * g.norm() + 1e-8, name
+
+
 def test_cached_audio_embeddings_give_the_reference_loss_and_gradients(
     tiny_model_dir, tiny_processing, mini_train, tmp_path
 ):

@@ -25,6 +25,7 @@ COLUMNS = {
         "lora",
         "s_per_step",
         "epoch_s",
+        "timed",
         "vs_original",
         "audio_cache_s",
         "warmup_s",
@@ -107,10 +108,12 @@ def fresh_dir(path: Path) -> Path:
     return path
 
 
-def run_train_rows(spec, rows, base, after, root, tiny, mode, keep=False) -> list[dict[str, Any]]:
+def run_train_rows(spec, rows, base, after, root, tiny, mode, keep=False, epoch=False) -> list[dict[str, Any]]:
+    """Each row trained and timed (``epoch``: to the end of its first epoch, each row's ``warmup`` steps excepted)."""
     out = []
     for i, row in rows:
         warmup, steps = (1, 1) if tiny else (row.get("warmup", spec.get("warmup", 1)), row.get("steps", spec["steps"]))
+        steps = -1 if epoch else steps
         overrides = [*base, *row_overrides(spec, row), *after]
         try:
             result = train_row(overrides, warmup, steps, fresh_dir(root / "runs" / f"{mode}-{i}"))
@@ -244,6 +247,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("mode", choices=list(COLUMNS))
     p.add_argument("--tiny", action="store_true", help="the tiny model on the CPU: checks every path, measures nothing")
     p.add_argument("--only", type=int, nargs="*", help="indices of the rows to run")
+    p.add_argument("--epoch", action="store_true", help="train: time each row's whole first epoch, not its steps")
     p.add_argument("--root", type=Path, default=REPO_ROOT / "output" / "bench", help="stand-ins and run folders")
     p.add_argument("--out", type=Path, help="write <mode>.json and <mode>.md here")
     a = p.parse_args(argv)
@@ -271,7 +275,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         base = base_overrides(a.root, a.tiny, seconds=spec.get("seconds"))
         check = a.mode == "check"
-        results = run_train_rows(spec, rows, base, after, a.root, a.tiny, a.mode, keep=check)  # check reads them
+        results = run_train_rows(spec, rows, base, after, a.root, a.tiny, a.mode, keep=check, epoch=a.epoch)
         if a.mode == "train":
             ratios(results, "epoch_s")
         if check and len(results) == 2:

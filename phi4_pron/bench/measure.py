@@ -166,28 +166,36 @@ class StepTimer(TrainerCallback):
 
 
 def train_row(overrides: list[str], warmup: int, steps: int, run_dir: Path) -> dict[str, Any]:
-    """Train ``warmup + steps`` optimizer steps with the config of ``overrides``; the row's figures."""
+    """Train ``warmup + steps`` optimizer steps with the config of ``overrides`` (``steps < 0``: to the end of the
+    first epoch, so the timed steps are the epoch's but its first ``warmup``); the row's figures."""
     from phi4_pron.training import run_training
 
-    overrides = [*overrides, f"optim.max_steps={warmup + steps}"]
+    whole = steps < 0
+    overrides = [*overrides, "optim.epochs=1" if whole else f"optim.max_steps={warmup + steps}"]
     cfg = compose("train", overrides)
     free_memory()
     timer = StepTimer(warmup)
     run_training(cfg, run_dir=run_dir, callbacks=[timer])
     record = json.loads((run_dir / "training_config.json").read_text())
     per_step = record["effective_batch_size"]
-    step_s = (timer.end - timer.start) / timer.steps if timer.steps > 0 else math.nan
+    wall = timer.end - timer.start
+    step_s = wall / timer.steps if timer.steps > 0 else math.nan
+    timed = timer.samples - warmup * per_step if whole else timer.steps * per_step  # samples in the timed steps
+    rate = timed / wall if timed > 0 else math.nan  # samples a second
     free_memory()
     return {
         "command": command("train", overrides),
         "s_per_step": step_s,
-        "epoch_s": timer.samples / per_step * step_s,
+        "epoch_s": timer.samples / rate,
+        "timed": f"steps {warmup + 1}-{warmup + timer.steps}" + (" (to the epoch's end)" if whole else "")
+        if timer.steps > 0
+        else "none",
         "warmup_s": timer.start - timer.begin,
         "audio_cache_s": record.get("audio_embeddings_cache_s"),
         "samples_per_epoch": timer.samples,
-        "samples_per_s": per_step / step_s,
+        "samples_per_s": rate,
         "tokens_per_sample": round(timer.tokens_per_sample, 1),
-        "tflops": 4 * timer.lm_params * timer.tokens_per_sample * per_step / step_s / 1e12,
+        "tflops": 4 * timer.lm_params * timer.tokens_per_sample * rate / 1e12,
         "peak_gib": timer.peak_gib,  # the training steps
         "prepare_peak_gib": timer.prepare_peak_gib,
         "trainable_params": record["trainable_params"],
