@@ -286,10 +286,8 @@ def compile_layers(model, audio: bool = True) -> int:
     base.model.rotary_emb.register_forward_hook(lambda _module, _args, cos_sin: mark_sizes_static(*cos_sin))
     conformers = list(audio_encoder(model).encoders) if audio else []
     for layer in conformers:
-        dw = layer.conv.dw_sep_conv_1d.dw_conv
-        if (
-            dw.groups == dw.in_channels == dw.out_channels
-        ):  # one filter a channel (depthwise_multiplier 1), as published
+        dw = layer.conv.dw_sep_conv_1d.dw_conv  # token-major needs one filter a channel (depthwise_multiplier 1)
+        if dw.groups == dw.in_channels == dw.out_channels:  # as published
             layer.conv.__class__ = TokenMajorConvModule
     for layer in [*base.model.layers, *conformers]:
         layer.compile(dynamic=True)
