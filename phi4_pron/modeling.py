@@ -291,7 +291,20 @@ def compile_layers(model, audio: bool = True) -> int:
             layer.conv.__class__ = TokenMajorConvModule
     for layer in [*base.model.layers, *conformers]:
         layer.compile(dynamic=True)
+    for layer in conformers:
+        layer._compiled_call_impl = functools.partial(_with_static_heads, layer._compiled_call_impl)
     return len(base.model.layers) + len(conformers)
+
+
+def _with_static_heads(call, hidden_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """A compiled conformer layer's call, its (batch, heads, time, time) attention mask's head count made static.
+
+    Else a batch as large as the head count (16 of Phi-4's, so the h100 preset's) takes the heads' symbol (Dynamo's
+    duck sizing) and the attention's broadcast against the query's constant 16 heads fixes the batch: the epoch's
+    last, smaller micro-batch recompiled every conformer graph (experiments/benchmarks/train.md, "Unfreeze's last
+    step")."""
+    torch._dynamo.mark_static(attention_mask, 1)
+    return call(hidden_states, attention_mask)
 
 
 def checkpoint_audio_layers(model) -> int:
@@ -302,9 +315,22 @@ def checkpoint_audio_layers(model) -> int:
     no dropout (``dropout_rate`` 0), so the recomputation is exact."""
     layers = audio_encoder(model).encoders
     for layer in layers:  # nn.Module.__call__ runs _compiled_call_impl when set (what Module.compile sets)
-        call = layer._compiled_call_impl or layer._call_impl
-        layer._compiled_call_impl = functools.partial(checkpoint, call, use_reentrant=False)
+        layer._compiled_call_impl = functools.partial(_recomputed, layer._compiled_call_impl or layer._call_impl)
     return len(layers)
+
+
+def _recomputed(call, *args, **kwargs):
+    """``call`` checkpointed, its recomputation run with the forward's intra-op thread count."""
+    return checkpoint(_with_threads, torch.get_num_threads(), call, *args, use_reentrant=False, **kwargs)
+
+
+def _with_threads(threads: int, call, *args, **kwargs):
+    """``call`` in a thread of ``threads`` intra-op threads. On a GPU the backward, so the recomputation, runs in
+    autograd's device thread, whose count differs from the main thread's, and a compiled graph is guarded on the count
+    it was compiled with: each layer compiled its graphs twice. A thread keeps its count, so it is set once."""
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    return call(*args, **kwargs)
 
 
 def active_module(module):

@@ -188,11 +188,15 @@ def test_compiled_decoder_layers_have_only_the_batch_and_its_length_as_symbols(
         assert all(free_symbols(n) for n in t.shape[:2])  # batch and length
 
 
-def test_compiled_audio_layers_take_any_audio_length_with_the_reference_gradients(tiny_model_dir):
+def test_compiled_audio_layers_take_any_audio_length_and_batch_with_the_reference_gradients(tiny_model_dir):
     """Unfreeze's audio conformer layers, compiled and recomputed in the backward as training runs them: the first
-    audio length compiles them, later lengths compile nothing (before their convolution ran token-major, Inductor's
-    lowering of its backward fixed the length, so each new one recompiled until Dynamo's limit of 8 left the rest
-    uncompiled), and the encoder's output and every gradient are the eager encoder's."""
+    batch compiles them, and later audio lengths and batch sizes compile nothing, nor does a backward in a thread of
+    another intra-op thread count (as autograd's GPU device thread), and the encoder's output and every gradient
+    are the eager encoder's. Each was a recompilation once: a new length (Inductor's lowering of the convolution's
+    backward fixed it, until the convolution ran token-major), a new batch after a first one as large as the
+    attention's head count (duck sizing gave both one symbol, and the attention fixed it), and the thread count."""
+    import threading
+
     import numpy as np
     from transformers import AutoModelForCausalLM
 
@@ -202,26 +206,49 @@ def test_compiled_audio_layers_take_any_audio_length_with_the_reference_gradient
     encoder = audio_encoder(model).requires_grad_(True)
     for p in encoder.parameters():  # the published zero-initialised biases would hide a wrong bias path
         torch.nn.init.normal_(p, std=0.05)
-    size = model.config.audio_config.input_size
+    size, heads = model.config.audio_config.input_size, model.config.audio_config.num_attention_heads
 
-    def run(frames: int):
-        features = torch.randn(2, frames, size, generator=torch.Generator().manual_seed(frames))
-        mask = torch.ones(2, frames, dtype=torch.bool)
-        mask[1, frames // 2 :] = False  # a shorter recording in the batch
+    def backward_in_a_thread_of_one(loss):
+        errors = []
+
+        def run_backward():
+            torch.set_num_threads(1)
+            try:
+                loss.backward()
+            except Exception as e:  # noqa: BLE001 - re-raised in the test's thread
+                errors.append(e)
+
+        thread = threading.Thread(target=run_backward)
+        thread.start()
+        thread.join()
+        if errors:
+            raise errors[0]
+
+    def run(frames: int, batch: int, in_thread: bool = False):
+        features = torch.randn(batch, frames, size, generator=torch.Generator().manual_seed(frames))
+        mask = torch.ones(batch, frames, dtype=torch.bool)
+        mask[-1, frames // 2 :] = False  # a shorter recording in the batch
         np.random.seed(0)  # the encoder draws its streaming-mask layout in training mode
         encoder.zero_grad()
         out = encoder(features, mask)
-        out.pow(2).mean().backward()
+        loss = out.pow(2).mean()
+        backward_in_a_thread_of_one(loss) if in_thread else loss.backward()
         return out.detach(), {n: p.grad.clone() for n, p in encoder.named_parameters()}
 
-    lengths = (80, 136, 208, 56)  # 10, 17, 26, 7 frames after the encoder's 8x time reduction
-    ref = [run(n) for n in lengths]
-    compile_layers(model)
-    checkpoint_audio_layers(model)
-    assert all(type(layer.conv) is TokenMajorConvModule for layer in encoder.encoders)
-    fast = [run(lengths[0])]
-    with torch.compiler.set_stance("fail_on_recompile"):  # raises at a recompilation
-        fast += [run(n) for n in lengths[1:]]
+    # 10, 17, 26, 7 frames after the encoder's 8x time reduction; the first batch is as large as the head count
+    calls = [(80, heads), (136, 2), (208, 3, True), (56, 2)]
+    ref = [run(*c) for c in calls]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # unlike the backward thread's 1, on any machine
+    try:
+        compile_layers(model)
+        checkpoint_audio_layers(model)
+        assert all(type(layer.conv) is TokenMajorConvModule for layer in encoder.encoders)
+        fast = [run(*calls[0])]
+        with torch.compiler.set_stance("fail_on_recompile"):  # raises at a recompilation
+            fast += [run(*c) for c in calls[1:]]
+    finally:
+        torch.set_num_threads(threads)
     for (ref_out, ref_grads), (out, grads) in zip(ref, fast, strict=True):
         assert (out - ref_out).abs().max() <= 1e-4 * ref_out.abs().max()
         assert set(grads) == set(ref_grads)
@@ -361,9 +388,8 @@ def test_prepare_recomputes_unfreezes_compiled_audio_layers(tiny_model_dir):
     import functools
 
     from conftest import compose
-    from torch.utils.checkpoint import checkpoint
 
-    from phi4_pron.modeling import audio_encoder
+    from phi4_pron.modeling import _recomputed, audio_encoder
     from phi4_pron.training import prepare
 
     overrides = ["model=tiny", "data=mini", "train_audio_encoder=true", "hardware=h100", "hardware.num_gpus=0"]
@@ -372,7 +398,7 @@ def test_prepare_recomputes_unfreezes_compiled_audio_layers(tiny_model_dir):
     model = prepare(cfg).model
     for layer in audio_encoder(model).encoders:
         call = layer._compiled_call_impl
-        assert isinstance(call, functools.partial) and call.func is checkpoint
+        assert isinstance(call, functools.partial) and call.func is _recomputed
         assert call.args[0] != layer._call_impl  # the compiled call, not the eager one
     assert all(layer._compiled_call_impl for layer in model.get_base_model().model.layers)
 
