@@ -124,6 +124,9 @@ class HardwareConfig:
     attn_implementation: str = "sdpa"
     gradient_checkpointing: bool = False
     checkpoint_audio_encoder: bool = False  # Unfreeze: trained audio layers recomputed in the backward
+    # ... but the last N of them keep their activations: between the two in speed and memory (Phi-4 has 24 layers;
+    # N at least that keeps them all)
+    audio_layers_kept: int = 0
     compile: bool = False  # torch.compile each decoder and audio layer (one compile per run, then faster steps)
     # with compile: Inductor's C++ wrapper launches the compiled layers' kernels instead of its Python one (less host
     # time a step; a longer compile, needs a C++ compiler, as Inductor on a GPU does anyway)
@@ -237,6 +240,9 @@ def check_settings(cfg, schema: type) -> None:
                 problems.append(f"optim.{key}={optim[key]} must be above 0")
         if not 0 <= optim.warmup_ratio < 1:
             problems.append(f"optim.warmup_ratio={optim.warmup_ratio} must be in [0, 1)")
+    hardware = cfg.get("hardware")
+    if hardware is not None and hardware.audio_layers_kept < 0:
+        problems.append(f"hardware.audio_layers_kept={hardware.audio_layers_kept} must be 0 or above")
     data = cfg.get("data")
     if data is not None and not 0 < data.min_seconds < data.max_seconds:
         problems.append(

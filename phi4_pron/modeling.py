@@ -307,16 +307,18 @@ def _with_static_heads(call, hidden_states: torch.Tensor, attention_mask: torch.
     return call(hidden_states, attention_mask)
 
 
-def checkpoint_audio_layers(model) -> int:
+def checkpoint_audio_layers(model, kept: int = 0) -> int:
     """Recompute each audio conformer layer's activations in the backward instead of keeping them (Unfreeze's
-    trained encoder; transformers checkpoints only the decoder layers); returns how many. The checkpoint wraps the
+    trained encoder; transformers checkpoints only the decoder layers), all but the last ``kept`` layers
+    (``hardware.audio_layers_kept``); returns how many are recomputed. The checkpoint wraps the
     layer's call from outside, so a layer that ``compile_layers`` compiled stays compiled (in the forward and in its
     recomputation; a checkpoint inside the compiled region would leave Dynamo nothing to capture). The layers have
     no dropout (``dropout_rate`` 0), so the recomputation is exact."""
     layers = audio_encoder(model).encoders
-    for layer in layers:  # nn.Module.__call__ runs _compiled_call_impl when set (what Module.compile sets)
+    recomputed = layers[: max(len(layers) - kept, 0)]  # as many kept as there are layers: none recomputed
+    for layer in recomputed:  # nn.Module.__call__ runs _compiled_call_impl when set (what Module.compile sets)
         layer._compiled_call_impl = functools.partial(_recomputed, layer._compiled_call_impl or layer._call_impl)
-    return len(layers)
+    return len(recomputed)
 
 
 def _recomputed(call, *args, **kwargs):

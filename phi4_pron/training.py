@@ -84,6 +84,7 @@ RESUME_SAFE = (
     "hardware.dataloader_num_workers",
     "hardware.per_device_eval_batch_size",
     "hardware.compile_cpp_wrapper",  # how the compiled kernels are launched (runs from before it lack the key)
+    "hardware.audio_layers_kept",  # which activations are recomputed: the same gradients (runs before it lack the key)
 )
 
 
@@ -275,7 +276,8 @@ def prepare(cfg: DictConfig, device: torch.device | str = "cpu") -> Prepared:
         n = compile_layers(model, audio=audio_table is None)
         log.info("compiled %d layers (the first steps compile them)", n)
     if cfg.train_audio_encoder and cfg.hardware.checkpoint_audio_encoder:  # around the compiled layers, if compiled
-        log.info("audio encoder: %d layers recomputed in the backward", checkpoint_audio_layers(model))
+        n = checkpoint_audio_layers(model, kept=cfg.hardware.audio_layers_kept)
+        log.info("audio encoder: %d layers recomputed in the backward", n)
     return Prepared(
         model=model,
         tokenizer=tokenizer,

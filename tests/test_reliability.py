@@ -89,6 +89,8 @@ def test_settings_hydra_lets_through_are_refused():
         check_settings(compose(["+optim.lrr=1e-5"]), TrainConfig)
     with pytest.raises(SettingError, match=r"optim.lr=-0.001 must be above 0.*optim.epochs=0.0 must be above 0"):
         check_settings(compose(["optim.lr=-1e-3", "optim.epochs=0"]), TrainConfig)
+    with pytest.raises(SettingError, match=r"hardware.audio_layers_kept=-1 must be 0 or above"):
+        check_settings(compose(["hardware.audio_layers_kept=-1"]), TrainConfig)
 
 
 def test_the_cli_refuses_an_added_key_before_loading(tmp_path):
