@@ -149,7 +149,7 @@ def test_a_run_folder_resumes_only_with_its_own_settings(smoke_runs):
         resume_checkpoint(other, run_dir)
     forced = compose(["experiment=smoke", "lora=r64", f"output_root={run_dir.parent}", "optim.lr=5e-4", "resume=force"])
     assert resume_checkpoint(forced, run_dir).endswith("checkpoint-epoch-3")
-    for harmless in ("eval.limit=2", "hardware.compile_cpp_wrapper=true"):
+    for harmless in ("eval.limit=2", "hardware.compile_cpp_wrapper=true", "hardware.audio_layers_kept=4"):
         cfg = compose(["experiment=smoke", "lora=r64", f"output_root={run_dir.parent}", harmless])
         assert resume_checkpoint(cfg, run_dir) is not None, harmless
 
