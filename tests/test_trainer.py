@@ -73,7 +73,7 @@ def test_trainer_logs_what_trl_logs(tiny_model_dir, tiny_processing, mini_train,
 
     from phi4_pron.trainer import PronunciationTrainer
 
-    logged = {}
+    logged, flos = {}, {}
     for cls in (SFTTrainer, PronunciationTrainer):
         torch.manual_seed(0)
         model = _tiny_lora_model(tiny_model_dir)
@@ -97,6 +97,7 @@ def test_trainer_logs_what_trl_logs(tiny_model_dir, tiny_processing, mini_train,
         )
         trainer.train()
         logged[cls] = [h for h in trainer.state.log_history if "loss" in h]
+        flos[cls] = trainer.state.total_flos
     reference, fast = logged[SFTTrainer], logged[PronunciationTrainer]
     assert len(reference) == len(fast) == 3
     for ref, got in zip(reference, fast, strict=True):
@@ -112,7 +113,40 @@ def test_trainer_logs_what_trl_logs(tiny_model_dir, tiny_processing, mini_train,
             tolerance, slack = (1e-3, 0.0) if first_step else (2e-2, 0.01 if key == "mean_token_accuracy" else 0.0)
             assert got[key] == pytest.approx(ref[key], rel=tolerance, abs=slack), key
     assert fast[0]["num_tokens"] < fast[-1]["num_tokens"]  # counted across logging steps
+    assert flos[PronunciationTrainer] == flos[SFTTrainer] > 0  # its parameter count taken once, the same estimate
     assert fast[0]["loss"] != fast[-1]["loss"]  # the steps trained
+
+
+def test_a_training_step_trains_every_module_and_walks_the_model_only_when_one_is_not(
+    tiny_model_dir, tiny_processing, mini_train, tmp_path
+):
+    """The Trainer sets training mode before every micro-batch; here only where a module is not training (an
+    audio encoder left in eval mode, say), so that the next step trains it, and a step leaves no shortcut behind."""
+    from phi4_pron.modeling import audio_encoder
+
+    model = _tiny_lora_model(tiny_model_dir)
+    trainer = _cpu_trainer(model, tiny_processing, mini_train, tmp_path)
+    trainer.current_gradient_accumulation_steps = 1  # what Trainer.train sets before its first step
+    batch = _batch(tiny_processing, mini_train)
+    leaf = next(m for m in model.modules() if not list(m.children()))
+    walks = []
+
+    def leaf_train(mode=True):  # the model's train() reaches every module: this one counts the walks
+        walks.append(mode)
+        leaf.training = mode
+        return leaf
+
+    leaf.train = leaf_train
+    model.train()
+    walks.clear()
+    audio_encoder(model).eval()
+    assert model.training and not audio_encoder(model).training
+    trainer.training_step(trainer.model, dict(batch))
+    assert walks == [True]
+    assert all(m.training for m in model.modules() if m is not leaf)
+    trainer.training_step(trainer.model, dict(batch))
+    assert walks == [True]  # every module was training: no walk
+    assert "train" not in vars(trainer.model)
 
 
 @pytest.mark.parametrize("cpp_wrapper", [False, pytest.param(True, marks=pytest.mark.slow)])
@@ -387,8 +421,9 @@ def test_checkpointed_audio_encoder_gives_the_same_gradients(tiny_model_dir, tin
 
 
 def test_prepare_recomputes_unfreezes_compiled_audio_layers(tiny_model_dir):
-    """The a100/h100 presets' Unfreeze: prepare() compiles the decoder and audio layers, and recomputes each audio
-    layer's compiled call in the backward (the checkpoint outside the compiled region)."""
+    """The a100/h100 presets' Unfreeze: prepare() compiles the decoder and audio layers, and recomputes the compiled
+    call of each audio layer but the last ``hardware.audio_layers_kept`` in the backward (the checkpoint outside the
+    compiled region). The preset keeps 8 of Phi-4's 24; the tiny model has 2, so here it keeps 1."""
     import functools
 
     from conftest import compose
@@ -396,14 +431,21 @@ def test_prepare_recomputes_unfreezes_compiled_audio_layers(tiny_model_dir):
     from phi4_pron.modeling import _recomputed, audio_encoder
     from phi4_pron.training import prepare
 
+    assert compose(["hardware=h100"]).hardware.audio_layers_kept == 8
     overrides = ["model=tiny", "data=mini", "train_audio_encoder=true", "hardware=h100", "hardware.num_gpus=0"]
-    cfg = compose([*overrides, "data.max_train_samples=2", "hardware.dataloader_num_workers=0"])
+    cfg = compose(
+        [*overrides, "hardware.audio_layers_kept=1", "data.max_train_samples=2", "hardware.dataloader_num_workers=0"]
+    )
     assert cfg.hardware.checkpoint_audio_encoder and cfg.hardware.compile
     model = prepare(cfg).model
-    for layer in audio_encoder(model).encoders:
-        call = layer._compiled_call_impl
-        assert isinstance(call, functools.partial) and call.func is _recomputed
-        assert call.args[0] != layer._call_impl  # the compiled call, not the eager one
+    first, last = audio_encoder(model).encoders
+    call = first._compiled_call_impl
+    assert isinstance(call, functools.partial) and call.func is _recomputed
+    assert call.args[0] != first._call_impl  # the compiled call, not the eager one
+    assert not (
+        isinstance(last._compiled_call_impl, functools.partial) and last._compiled_call_impl.func is _recomputed
+    )
+    assert last._compiled_call_impl is not None
     assert all(layer._compiled_call_impl for layer in model.get_base_model().model.layers)
 
 
