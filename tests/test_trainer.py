@@ -318,7 +318,8 @@ def test_cached_audio_embeddings_give_the_reference_loss_and_gradients(
     ref_loss, ref_grads = loss_and_grads(lambda: model(**batch).loss)
     cached_rows, collator, table = cache_audio_embeddings(model, rows, plain, batch_size=4)
     spans = cached_rows["audio_span"]
-    assert [s for s, _ in spans] != sorted(s for s, _ in spans)  # computed shortest first: the spans map back
+    assert [s for s, _ in spans] != sorted(s for s, _ in spans)  # computed longest first: the spans map back
+    assert spans[max(range(4), key=lambda i: spans[i][1])][0] == 0  # the longest (most embeddings) first
     assert "audio" not in cached_rows.column_names and table.shape[0] == sum(n for _, n in spans)
     cached = collator([cached_rows[i] for i in range(4)])
     assert "audio_input_features" not in cached and cached[AUDIO_ROWS].shape == (table.shape[0],)
