@@ -23,7 +23,9 @@ from phi4_pron.data import expand_questions, load_split, with_lengths
 from phi4_pron.modeling import load_base_model, load_tokenizer_and_features
 
 
-def main(argv: list[str]) -> None:
+def training_split(argv: list[str]):
+    """The composed config, the ``--flags``, the model (bf16 on a GPU), the training collator and the training split
+    with its lengths, as ``train`` prepares them for the audio-embedding pass."""
     cfg = compose("train", [a for a in argv if not a.startswith("--")])
     flags = dict(a[2:].split("=", 1) for a in argv if a.startswith("--"))
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -33,6 +35,11 @@ def main(argv: list[str]) -> None:
     questions = questions_from_config(cfg.task)
     collator = PronunciationCollator(tokenizer, features, questions, max_length=cfg.model.max_length)
     split = with_lengths(expand_questions(load_split(flags["data"], "train"), list(questions)), collator.num_tokens)
+    return cfg, flags, model, collator, split
+
+
+def main(argv: list[str]) -> None:
+    cfg, flags, model, collator, split = training_split(argv)
     batch, workers = cfg.hardware.per_device_eval_batch_size, cfg.hardware.dataloader_num_workers
     direct = data._wav_samples
     out = Path(os.environ.get("OUT", "output/bench-results"))

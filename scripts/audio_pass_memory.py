@@ -12,26 +12,16 @@ import sys
 import time
 
 import torch
+from audio_pass_ab import training_split  # this folder's
 
 from phi4_pron import audio_cache
-from phi4_pron.answer import questions_from_config
-from phi4_pron.bench.measure import compose
-from phi4_pron.collator import PronunciationCollator
-from phi4_pron.data import expand_questions, load_split, with_lengths
-from phi4_pron.modeling import load_base_model, load_tokenizer_and_features
 
 
 def main(argv: list[str]) -> None:
-    cfg = compose("train", [a for a in argv if not a.startswith("--")])
-    flags = dict(a[2:].split("=", 1) for a in argv if a.startswith("--"))
+    cfg, flags, model, collator, split = training_split(argv)
     longest_first = flags["order"] == "longest"
     # compute_audio_table orders its batches with sorted(); this fixes the direction whatever the code's own
     audio_cache.sorted = lambda items, key, reverse=False: builtins.sorted(items, key=key, reverse=longest_first)
-    model = load_base_model(flags["model"], None, torch.bfloat16, "sdpa").to("cuda").eval()
-    tokenizer, features = load_tokenizer_and_features(flags["model"])
-    questions = questions_from_config(cfg.task)
-    collator = PronunciationCollator(tokenizer, features, questions, max_length=cfg.model.max_length)
-    split = with_lengths(expand_questions(load_split(flags["data"], "train"), list(questions)), collator.num_tokens)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_reserved() / 2**30
