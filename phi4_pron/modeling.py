@@ -18,7 +18,10 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from torch.utils.checkpoint import checkpoint
 from transformers import AutoFeatureExtractor, AutoModelForCausalLM, AutoTokenizer
-from transformers.models.phi4_multimodal.modeling_phi4_multimodal import Phi4MultimodalAudioConvModule
+from transformers.models.phi4_multimodal.modeling_phi4_multimodal import (
+    Phi4MultimodalAudioConformerEncoderLayer,
+    Phi4MultimodalAudioConvModule,
+)
 
 from phi4_pron.collator import tokenizer_audio_token_id
 from phi4_pron.config import HUB_MODEL_ID, NATIVE_REVISION, REPO_ROOT, LoraInit
@@ -310,29 +313,26 @@ def _with_static_heads(call, hidden_states: torch.Tensor, attention_mask: torch.
 def checkpoint_audio_layers(model, kept: int = 0) -> int:
     """Recompute each audio conformer layer's activations in the backward instead of keeping them (Unfreeze's
     trained encoder; transformers checkpoints only the decoder layers), all but the last ``kept`` layers
-    (``hardware.audio_layers_kept``); returns how many are recomputed. The checkpoint wraps the
-    layer's call from outside, so a layer that ``compile_layers`` compiled stays compiled (in the forward and in its
-    recomputation; a checkpoint inside the compiled region would leave Dynamo nothing to capture). The layers have
-    no dropout (``dropout_rate`` 0), so the recomputation is exact."""
+    (``hardware.audio_layers_kept``): they become :class:`RecomputedConformerLayer`; returns how many."""
     layers = audio_encoder(model).encoders
     recomputed = layers[: max(len(layers) - kept, 0)]  # as many kept as there are layers: none recomputed
-    for layer in recomputed:  # nn.Module.__call__ runs _compiled_call_impl when set (what Module.compile sets)
-        layer._compiled_call_impl = functools.partial(_recomputed, layer._compiled_call_impl or layer._call_impl)
+    for layer in recomputed:
+        layer.__class__ = RecomputedConformerLayer
     return len(recomputed)
 
 
-def _recomputed(call, *args, **kwargs):
-    """``call`` checkpointed, its recomputation run with the forward's intra-op thread count."""
-    return checkpoint(_with_threads, torch.get_num_threads(), call, *args, use_reentrant=False, **kwargs)
+class RecomputedConformerLayer(Phi4MultimodalAudioConformerEncoderLayer):
+    """A conformer layer checkpointed from inside its forward: the same parameters and outputs, its activations
+    recomputed in the backward. A layer that :func:`compile_layers` compiled so holds the checkpoint in its compiled
+    region, whose backward recomputes the forward itself. Checkpointed from outside, the backward called the compiled
+    forward once more, through Dynamo's guards and the compiled function's wrappers: host work that Unfreeze's
+    host-bound steps pay as GPU idle time (experiments/benchmarks/train.md, "The checkpoint inside the compiled
+    layers"). One class, so the recomputed layers share their compiled graphs. The layers have no dropout
+    (``dropout_rate`` 0), so the recomputation is exact."""
 
-
-def _with_threads(threads: int, call, *args, **kwargs):
-    """``call`` in a thread of ``threads`` intra-op threads. On a GPU the backward, so the recomputation, runs in
-    autograd's device thread, whose count differs from the main thread's, and a compiled graph is guarded on the count
-    it was compiled with: each layer compiled its graphs twice. A thread keeps its count, so it is set once."""
-    if torch.get_num_threads() != threads:
-        torch.set_num_threads(threads)
-    return call(*args, **kwargs)
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        forward = Phi4MultimodalAudioConformerEncoderLayer.forward
+        return checkpoint(forward, self, hidden_states, attention_mask, use_reentrant=False)
 
 
 def active_module(module):

@@ -223,12 +223,14 @@ def test_compiled_decoder_layers_have_only_the_batch_and_its_length_as_symbols(
 
 
 def test_compiled_audio_layers_take_any_audio_length_and_batch_with_the_reference_gradients(tiny_model_dir):
-    """Unfreeze's audio conformer layers, compiled and recomputed in the backward as training runs them: the first
-    batch compiles them, and later audio lengths and batch sizes compile nothing, nor does a backward in a thread of
-    another intra-op thread count (as autograd's GPU device thread), and the encoder's output and every gradient
-    are the eager encoder's. Each was a recompilation once: a new length (Inductor's lowering of the convolution's
-    backward fixed it, until the convolution ran token-major), a new batch after a first one as large as the
-    attention's head count (duck sizing gave both one symbol, and the attention fixed it), and the thread count."""
+    """Unfreeze's audio conformer layers, compiled and recomputed in the backward as training runs them (the first
+    recomputed, the last kept): the first batch compiles them, and later audio lengths and batch sizes compile
+    nothing, nor does a backward in a thread of another intra-op thread count (as autograd's GPU device thread), and
+    the encoder's output and every gradient are the eager encoder's. Each was a recompilation once: a new length
+    (Inductor's lowering of the convolution's backward fixed it, until the convolution ran token-major), a new batch
+    after a first one as large as the attention's head count (duck sizing gave both one symbol, and the attention
+    fixed it), and the thread count (when the backward called the compiled forward again to recompute it). The
+    compiled backward recomputes the layer itself: the backward enters no compiled region."""
     import threading
 
     import numpy as np
@@ -258,13 +260,16 @@ def test_compiled_audio_layers_take_any_audio_length_and_batch_with_the_referenc
         if errors:
             raise errors[0]
 
-    def run(frames: int, batch: int, in_thread: bool = False):
+    def run_inputs(frames: int, batch: int):
         features = torch.randn(batch, frames, size, generator=torch.Generator().manual_seed(frames))
         mask = torch.ones(batch, frames, dtype=torch.bool)
         mask[-1, frames // 2 :] = False  # a shorter recording in the batch
         np.random.seed(0)  # the encoder draws its streaming-mask layout in training mode
+        return features, mask
+
+    def run(frames: int, batch: int, in_thread: bool = False):
         encoder.zero_grad()
-        out = encoder(features, mask)
+        out = encoder(*run_inputs(frames, batch))
         loss = out.pow(2).mean()
         backward_in_a_thread_of_one(loss) if in_thread else loss.backward()
         return out.detach(), {n: p.grad.clone() for n, p in encoder.named_parameters()}
@@ -276,13 +281,17 @@ def test_compiled_audio_layers_take_any_audio_length_and_batch_with_the_referenc
     torch.set_num_threads(2)  # unlike the backward thread's 1, on any machine
     try:
         compile_layers(model)
-        checkpoint_audio_layers(model)
+        assert checkpoint_audio_layers(model, kept=1) == 1
         assert all(type(layer.conv) is TokenMajorConvModule for layer in encoder.encoders)
         fast = [run(*calls[0])]
         with torch.compiler.set_stance("fail_on_recompile"):  # raises at a recompilation
             fast += [run(*c) for c in calls[1:]]
+            loss = encoder(*run_inputs(*calls[1][:2])).pow(2).mean()
+            with torch.profiler.profile() as backward:
+                loss.backward()
     finally:
         torch.set_num_threads(threads)
+    assert not [e.name for e in backward.events() if e.name.startswith("Torch-Compiled Region")]
     for (ref_out, ref_grads), (out, grads) in zip(ref, fast, strict=True):
         assert (out - ref_out).abs().max() <= 1e-4 * ref_out.abs().max()
         assert set(grads) == set(ref_grads)
@@ -422,14 +431,12 @@ def test_checkpointed_audio_encoder_gives_the_same_gradients(tiny_model_dir, tin
 
 
 def test_prepare_recomputes_unfreezes_compiled_audio_layers(tiny_model_dir):
-    """The a100/h100 presets' Unfreeze: prepare() compiles the decoder and audio layers, and recomputes the compiled
-    call of each audio layer but the last ``hardware.audio_layers_kept`` in the backward (the checkpoint outside the
-    compiled region). The preset keeps 8 of Phi-4's 24; the tiny model has 2, so here it keeps 1."""
-    import functools
-
+    """The a100/h100 presets' Unfreeze: prepare() compiles the decoder and audio layers, and recomputes each audio
+    layer but the last ``hardware.audio_layers_kept`` in the backward (a checkpoint inside its compiled region). The
+    preset keeps 8 of Phi-4's 24; the tiny model has 2, so here it keeps 1."""
     from conftest import compose
 
-    from phi4_pron.modeling import _recomputed, audio_encoder
+    from phi4_pron.modeling import RecomputedConformerLayer, audio_encoder
     from phi4_pron.training import prepare
 
     assert compose(["hardware=h100"]).hardware.audio_layers_kept == 8
@@ -440,13 +447,8 @@ def test_prepare_recomputes_unfreezes_compiled_audio_layers(tiny_model_dir):
     assert cfg.hardware.checkpoint_audio_encoder and cfg.hardware.compile
     model = prepare(cfg).model
     first, last = audio_encoder(model).encoders
-    call = first._compiled_call_impl
-    assert isinstance(call, functools.partial) and call.func is _recomputed
-    assert call.args[0] != first._call_impl  # the compiled call, not the eager one
-    assert not (
-        isinstance(last._compiled_call_impl, functools.partial) and last._compiled_call_impl.func is _recomputed
-    )
-    assert last._compiled_call_impl is not None
+    assert type(first) is RecomputedConformerLayer and type(last) is not RecomputedConformerLayer
+    assert first._compiled_call_impl is not None and last._compiled_call_impl is not None
     assert all(layer._compiled_call_impl for layer in model.get_base_model().model.layers)
 
 
