@@ -275,13 +275,14 @@ class TokenMajorConvModule(Phi4MultimodalAudioConvModule):
 def compile_layers(model, audio: bool = True) -> int:
     """Compile each decoder layer and (``audio``) each audio conformer layer in place; returns how many.
 
-    The decoder layers share one graph (the audio layers two: the first takes bf16, the others the fp32 of a layer
-    norm under autocast), compiled with dynamic shapes at the first step, so no later batch length recompiles
-    them (batches are padded to a multiple of 8, so their alignment never changes either); only the batch and
-    its length are symbols in them (the rotary width made static: :func:`mark_sizes_static`). The conformer layers'
-    convolution modules run token-major (:class:`TokenMajorConvModule`), so no audio length recompiles those either. The
-    input embeddings are made to require grad, so that the first layer's input is of the same kind as the others'
-    (else it needs graphs of its own).
+    The decoder layers share one graph (the audio layers two for each of their classes, kept and
+    :class:`RecomputedConformerLayer`: the first takes bf16, the others the fp32 of a layer norm under autocast),
+    compiled with dynamic shapes at the first step, so no later batch length recompiles them (batches are padded to a
+    multiple of 8, so their alignment never changes either); only the batch and its length are symbols in them (the
+    rotary width made static: :func:`mark_sizes_static`). The conformer layers' convolution modules run token-major
+    (:class:`TokenMajorConvModule`), so no audio length recompiles those either. The input embeddings are made to
+    require grad, so that the first layer's input is of the same kind as the others' (else it needs graphs of its
+    own).
     Parameter names, checkpoints and the saved adapter are unchanged.
     """
     base = model.get_base_model() if isinstance(model, PeftModel) else model

@@ -148,18 +148,8 @@ def main() -> None:
     args = parser.parse_args()
     variant = args.variant
     torch.manual_seed(0)
-    small = (
-        dict(
-            hidden_size=64,
-            intermediate_size=96,
-            num_attention_heads=4,
-            ext_pw_out_channel=64,
-            depthwise_separable_out_channel=64,
-            nemo_conv_channels=64,
-        )
-        if args.tiny
-        else {}
-    )
+    widths = ("hidden_size", "ext_pw_out_channel", "depthwise_separable_out_channel", "nemo_conv_channels")
+    small = dict.fromkeys(widths, 64) | {"intermediate_size": 96, "num_attention_heads": 4} if args.tiny else {}
     encoder = Phi4MultimodalAudioModel(Phi4MultimodalAudioConfig(**small)).to(DEVICE).train()
     up = nn.Linear(encoder.config.hidden_size, HIDDEN).to(DEVICE)
     data, weights = (batches(4, 2), decoder_stand_in(1)) if args.tiny else (batches(), decoder_stand_in())
