@@ -1,7 +1,7 @@
 """Unfreeze's audio conformer as ``modeling.compile_layers`` compiles it (one region a layer, Inductor's C++ wrapper as
 the a100/h100 presets set), its recomputed layers checkpointed in three ways; one variant a process:
 
-- ``outside``: the checkpoint around each compiled layer's call (before 2026-12-04, 20:30 UTC), so the backward calls
+- ``outside``: the checkpoint around each compiled layer's call (before commit 7480f5d), so the backward calls
   the compiled forward again;
 - ``inside``: ``modeling.checkpoint_audio_layers`` now, the checkpoint inside each compiled layer's forward
   (``RecomputedConformerLayer``), so the compiled backward recomputes it;
@@ -56,7 +56,7 @@ class Shell(nn.Module):
 
 
 def checkpoint_outside(encoder: nn.Module, kept: int) -> None:
-    """The recomputed layers as ``checkpoint_audio_layers`` made them before 2026-12-04, 20:30 UTC."""
+    """The recomputed layers as ``checkpoint_audio_layers`` made them before commit 7480f5d."""
 
     def with_threads(threads, call, *args):
         if torch.get_num_threads() != threads:
@@ -121,7 +121,7 @@ def step(encoder, up: nn.Linear, weights: list[torch.Tensor] | None, features, m
     return loss.detach()
 
 
-def grad_norm(module: nn.Module) -> float:
+def grad_norm(module: nn.Module) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in module.parameters() if p.grad is not None]))
 
 
@@ -196,7 +196,7 @@ def main() -> None:
         "peak_gib_encoder_alone": round(peak_alone, 2),
         "loss_and_grad_norm_uncompiled": reference,
         "loss_and_grad_norm_compiled": compiled,
-        "recompiles": torch._dynamo.utils.counters["stats"]["unique_graphs"],
+        "compiled_graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"],
     }
     print(json.dumps(row))
     if os.environ.get("OUT"):
