@@ -32,6 +32,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import Phi4MultimodalAudioConfig
 from transformers.models.phi4_multimodal.modeling_phi4_multimodal import Phi4MultimodalAudioModel
 
+from phi4_pron.bench.measure import sync
 from phi4_pron.modeling import TokenMajorConvModule, _with_static_heads, checkpoint_audio_layers, compile_layers
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU: --tiny, a check of the script
@@ -104,14 +105,14 @@ def decoder_stand_in(blocks: int = 32) -> list[torch.Tensor]:
     return [torch.randn(s, device=DEVICE, dtype=torch.bfloat16) * 0.01 for _ in range(blocks) for s in shapes]
 
 
-def step(encoder, up: nn.Linear, weights: list[torch.Tensor] | None, features, mask) -> torch.Tensor:
+def step(encoder, up: nn.Linear, tokens: int, weights: list[torch.Tensor] | None, features, mask) -> torch.Tensor:
     np.random.seed(0)  # the encoder's streaming mask draws from NumPy in training
     with torch.autocast(DEVICE, dtype=torch.bfloat16):
         audio = encoder(features, mask)
         if weights is None:
             loss = audio.float().pow(2).mean()
         else:
-            x = torch.ones(TOKENS, HIDDEN, device=DEVICE, dtype=torch.bfloat16) + up(audio).mean((0, 1))
+            x = torch.ones(tokens, HIDDEN, device=DEVICE, dtype=torch.bfloat16) + up(audio).mean((0, 1))
             for qkv, o, gate_up, down in zip(*[iter(weights)] * 4, strict=True):
                 x = x + (x @ qkv.T)[:, :HIDDEN] @ o.T
                 g = x @ gate_up.T
@@ -123,11 +124,6 @@ def step(encoder, up: nn.Linear, weights: list[torch.Tensor] | None, features, m
 
 def grad_norm(module: nn.Module) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in module.parameters() if p.grad is not None]))
-
-
-def sync() -> None:
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
 
 
 def timed(call, data, rounds: int = 3) -> float:
@@ -153,11 +149,10 @@ def main() -> None:
     encoder = Phi4MultimodalAudioModel(Phi4MultimodalAudioConfig(**small)).to(DEVICE).train()
     up = nn.Linear(encoder.config.hidden_size, HIDDEN).to(DEVICE)
     data, weights = (batches(4, 2), decoder_stand_in(1)) if args.tiny else (batches(), decoder_stand_in())
-    if args.tiny:
-        global TOKENS
-        TOKENS = 16
+    tokens = 16 if args.tiny else TOKENS
+    run = functools.partial(step, encoder, up, tokens)
 
-    reference = step(encoder, up, None, *data[0]).item(), grad_norm(encoder).item()  # uncompiled
+    reference = run(None, *data[0]).item(), grad_norm(encoder).item()  # uncompiled
     encoder.zero_grad(set_to_none=True)
     shell = Shell(encoder)
     if DEVICE == "cuda" and not args.python_wrapper:
@@ -171,19 +166,21 @@ def main() -> None:
         else:
             checkpoint_outside(encoder, kept=KEPT)
     start = time.perf_counter()
-    compiled = step(encoder, up, None, *data[0]).item(), grad_norm(encoder).item()
+    compiled = run(None, *data[0]).item(), grad_norm(encoder).item()
     sync()
     compile_s = time.perf_counter() - start
     for features, mask in data[1:3]:  # two more lengths: a recompile would show here, not in the timing
-        step(encoder, up, weights, features, mask)
+        run(weights, features, mask)
     if DEVICE == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    alone = timed(lambda f, m: step(encoder, up, None, f, m), data)
+    alone = timed(functools.partial(run, None), data)
     peak_alone = (torch.cuda.max_memory_allocated() / 2**30) if DEVICE == "cuda" else 0.0
-    with_lm = timed(lambda f, m: step(encoder, up, weights, f, m), data)
-    lm_only = timed(
-        lambda f, m: step(lambda f, m: f.new_zeros(16, 1, encoder.config.hidden_size), up, weights, f, m), data
-    )
+    with_lm = timed(functools.partial(run, weights), data)
+
+    def no_encoder(features, mask):
+        return features.new_zeros(16, 1, encoder.config.hidden_size)
+
+    lm_only = timed(functools.partial(step, no_encoder, up, tokens, weights), data)
     row = {
         "variant": variant,
         "wrapper": "python" if args.python_wrapper or DEVICE != "cuda" else "cpp",
