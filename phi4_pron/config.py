@@ -134,6 +134,9 @@ class HardwareConfig:
     cache_audio_embeddings: bool = True  # frozen audio encoder run once per run, not at every step (audio_cache.py)
     bf16: bool = True
     dataloader_num_workers: int = 4
+    # batches in pinned memory, copied to the GPU without the host waiting for it (accelerate's non_blocking): the
+    # host can prepare the next step's batches while the GPU still runs the last one
+    dataloader_pin_memory: bool = True
 
 
 @dataclass

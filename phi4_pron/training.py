@@ -186,6 +186,8 @@ def sft_config(cfg: DictConfig, run_dir: Path, world_size: int) -> SFTConfig:
         gradient_checkpointing=hw.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
         dataloader_num_workers=hw.dataloader_num_workers,
+        dataloader_pin_memory=hw.dataloader_pin_memory,
+        accelerator_config={"non_blocking": hw.dataloader_pin_memory and hw.num_gpus > 0},
         # batches of similar length: little padding (the ``length`` column is the sequence's token count)
         train_sampling_strategy="group_by_length" if cfg.data.group_by_length else "random",
         length_column_name="length",

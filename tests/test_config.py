@@ -75,6 +75,22 @@ def test_gradient_accumulation_is_derived_from_the_effective_batch():
         gradient_accumulation(compose(["optim.effective_batch_size=12"]), world_size=1)
 
 
+@pytest.mark.parametrize(
+    "overrides,pinned,non_blocking",
+    [
+        (["hardware=h100"], True, True),
+        (["hardware=h100", "hardware.dataloader_pin_memory=false"], False, False),
+        (["hardware=cpu"], False, False),  # TrainingArguments pins nothing without a GPU
+    ],
+)
+def test_gpu_batches_are_pinned_and_copied_without_waiting(tmp_path, overrides, pinned, non_blocking):
+    from phi4_pron.training import sft_config
+
+    # bf16 off: TrainingArguments refuses bf16 on a machine without a GPU
+    args = sft_config(compose([*overrides, "hardware.bf16=false", "logger=none"]), tmp_path, world_size=1)
+    assert (args.dataloader_pin_memory, args.accelerator_config.non_blocking) == (pinned, non_blocking)
+
+
 def test_cli_rejects_typo_before_loading_anything():
     proc = run_cli(["-m", "phi4_pron.train", "optim.lrr=1e-5"], check=False, timeout=120)
     assert proc.returncode != 0
