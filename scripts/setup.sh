@@ -13,5 +13,6 @@ if ! ldconfig -p 2>/dev/null | grep -q libavcodec; then
   fi
 fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -c constraints/cpu.txt -e ".[dev]"
+# pip, and the setuptools that builds this package, pinned too: an upstream release changes nothing here
+.venv/bin/python -m pip install -q --upgrade -c constraints/cpu.txt pip
+.venv/bin/python -m pip install -q -c constraints/cpu.txt --build-constraint constraints/cpu.txt -e ".[dev]"
