@@ -4,6 +4,8 @@ Sources (``data.path``):
 - a local copy of the corpus release (Kaldi layout: ``WAVE/``, ``train/``, ``test/``, ``scores.json`` at
   the root or under ``resource/``), e.g. the bundled ``data/speechocean762-mini``;
 - a folder written by ``Dataset(Dict).save_to_disk``;
+- a local copy of the hub dataset (``hf download mispeech/speechocean762 --repo-type dataset --local-dir DIR``:
+  ``README.md`` naming its parquet files under ``data/``, the audio embedded in them), read as the hub id is;
 - otherwise a Hugging Face Hub dataset id (``mispeech/speechocean762``).
 
 Every split has the columns ``id``, ``audio`` (``datasets.Audio(decode=False)``: a path or bytes, decoded by
@@ -37,6 +39,8 @@ def load_split(path: str, split: str, revision: str | None = None, limit: int | 
     if local.is_dir():
         if (local / "dataset_dict.json").exists() or (local / "state.json").exists():
             ds = _from_disk(local, split)
+        elif any(local.glob("data/*.parquet")):  # the hub dataset, downloaded
+            ds = _from_hub(str(local), split, None)
         else:
             ds = _from_kaldi(local, split)
     elif local.exists() or path.startswith((".", "/", "~")) or path.count("/") != 1:
@@ -54,15 +58,37 @@ def load_split(path: str, split: str, revision: str | None = None, limit: int | 
 
 def _normalise(ds: Dataset) -> Dataset:
     if "id" not in ds.column_names:
-        ds = ds.add_column("id", [f"{i:05d}" for i in range(len(ds))])
+        ds = ds.add_column("id", _utterance_ids(ds))
     missing = [c for c in COLUMNS if c not in ds.column_names]
     if missing:
         raise DataError(f"the dataset lacks the columns {missing}; speechocean762's schema has {COLUMNS}.")
     return ds.select_columns(COLUMNS)
 
 
+def _utterance_ids(ds: Dataset) -> list[str]:
+    """The corpus's utterance ids, from the audio's file names (the hub's ``000030012.wav``: no id column), so that
+    predictions name utterances as the corpus release does; row numbers if the names are missing or repeat."""
+    import pyarrow.compute as pc
+
+    names = []
+    audio = ds.select_columns(["audio"]).with_format("arrow")[:]["audio"] if "audio" in ds.column_names else None
+    if audio is not None and audio.type.num_fields:  # a struct of bytes and path: only the paths are read
+        names = [Path(p or "").stem for p in pc.struct_field(audio, "path").to_pylist()]
+    if all(names) and len(set(names)) == len(ds) > 0:
+        return names
+    return [f"{i:05d}" for i in range(len(ds))]
+
+
 def _from_hub(name: str, split: str, revision: str | None) -> Dataset:
-    return _normalise(load_dataset(name, split=split, revision=revision))
+    try:
+        ds = load_dataset(name, split=split, revision=revision)
+    except ConnectionError as e:  # offline, or HF_HUB_OFFLINE set
+        raise DataError(
+            f"data.path={name!r} cannot be read: {e}. Without a connection to the Hugging Face Hub, download the "
+            f"dataset where there is one,\n    hf download {name} --repo-type dataset --local-dir speechocean762\n"
+            "and set data.path=speechocean762 (the folder), or point data.path at the corpus release."
+        ) from e
+    return _normalise(ds)
 
 
 def _from_disk(folder: Path, split: str) -> Dataset:

@@ -82,8 +82,17 @@ def checkpoint_file(path: str, filename: str, revision: str | None = None, subfo
             )
         return file
     from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
 
-    return Path(hf_hub_download(path, filename, subfolder=subfolder, revision=revision))
+    try:
+        return Path(hf_hub_download(path, filename, subfolder=subfolder, revision=revision))
+    except (LocalEntryNotFoundError, ConnectionError) as e:  # offline (or HF_HUB_OFFLINE) and not in the cache
+        raise ModelPathError(
+            f"{path} at revision {revision} cannot be read: {filename} is neither reachable on the Hugging Face Hub "
+            f"nor in its cache ({type(e).__name__}). Without a connection, download the checkpoint where there is "
+            f"one,\n    {download_hint(revision or NATIVE_REVISION)}\n"
+            "and set model.name_or_path=Phi-4-multimodal-instruct (the folder)."
+        ) from e
 
 
 def download_hint(revision: str = NATIVE_REVISION) -> str:

@@ -42,6 +42,7 @@ from phi4_pron.modeling import (
     adapter_summary,
     attach_speech_lora,
     audio_token_id,
+    check_native_layout,
     checkpoint_audio_layers,
     compile_layers,
     load_base_model,
@@ -230,6 +231,7 @@ def load_model(cfg: DictConfig, device: torch.device | str = "cpu") -> tuple[Any
     with the adapter."""
     model_path = resolve_model_path(cfg.model)
     revision = None if Path(model_path).is_dir() else cfg.model.revision
+    check_native_layout(model_path, revision)  # before anything else loads: a hub out of reach or the wrong layout
     tokenizer, feature_extractor = load_tokenizer_and_features(model_path, revision)
     model = load_base_model(model_path, revision, getattr(torch, cfg.model.dtype), cfg.hardware.attn_implementation)
     audio_token_id(tokenizer, model.config)

@@ -57,6 +57,14 @@ def joint_questions():
 
 
 @pytest.fixture(scope="session")
+def hub_snapshot(tmp_path_factory) -> Path:
+    """The bundled corpus as ``hf download mispeech/speechocean762 --repo-type dataset`` leaves the hub dataset."""
+    from hub_layout import write_hub_snapshot
+
+    return write_hub_snapshot(MINI, tmp_path_factory.mktemp("hub") / "speechocean762")
+
+
+@pytest.fixture(scope="session")
 def mini_train():
     from phi4_pron.data import load_split
 
@@ -74,12 +82,14 @@ def compose(overrides: list[str], config_name: str = "train"):
         return hydra_compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
 
 
-def run_cli(args: list[str], cwd: Path = REPO, check: bool = True, timeout: int = 900):
-    """Run ``python -m <module> args`` in a subprocess: the real entrypoint, Hydra and all."""
+def run_cli(args: list[str], cwd: Path = REPO, check: bool = True, timeout: int = 900, env: dict | None = None):
+    """Run ``python -m <module> args`` in a subprocess: the real entrypoint, Hydra and all (``env``: variables added
+    to this process's)."""
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    env = {**os.environ, **(env or {})}
+    proc = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
     if check and proc.returncode != 0:
         raise AssertionError(f"{args} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc

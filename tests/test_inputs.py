@@ -6,7 +6,7 @@ import json
 import shutil
 
 import pytest
-from conftest import MINI
+from conftest import MINI, run_cli
 
 from phi4_pron.data import DataError, decode_audio, load_split
 
@@ -136,3 +136,44 @@ def test_wav_headers_give_ffmpegs_durations(tmp_path):
     assert _wav_seconds(str(tmp_path / "streamed.wav")) is None
     assert check_audio_file(str(tmp_path / "streamed.wav")) == pytest.approx(check_audio_file(str(wavs[0])), abs=0.05)
     assert _wav_seconds(str(tmp_path / "x.flac")) is None
+
+
+SCORES = ("accuracy", "completeness", "fluency", "prosodic", "total")
+
+
+def _words(row: dict) -> list[tuple]:
+    return [(w["text"], float(w["accuracy"]), w["phones"], w["mispronunciations"]) for w in row["words"]]
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_the_hub_dataset_as_downloaded_reads_as_the_release_does(hub_snapshot, split):
+    """``data.path`` = what ``hf download mispeech/speechocean762 --repo-type dataset`` leaves (parquet files named by
+    its README, the audio embedded, no id column): the same utterances as the corpus release, under the corpus's ids
+    (from the audio's file names), with the same scores, words and audio samples."""
+    import numpy as np
+
+    from phi4_pron.data import with_lengths
+
+    hub, release = load_split(str(hub_snapshot), split), load_split(str(MINI), split)
+    assert hub["id"] == release["id"] and len(hub) == 32
+    for h, r in zip(hub, release, strict=True):
+        assert h["text"] == r["text"] and {k: float(h[k]) for k in SCORES} == {k: r[k] for k in SCORES}
+        assert _words(h) == _words(r)
+        assert "bytes" in h["audio"] and h["audio"]["path"] == f"{h['id']}.wav"  # embedded, as published
+        np.testing.assert_array_equal(decode_audio(h["audio"], h["id"]), decode_audio(r["audio"], r["id"]))
+    assert with_lengths(hub)["length"] == with_lengths(release)["length"]
+
+
+def test_hub_out_of_reach_names_the_download(tmp_path):
+    """Offline (here: HF_HUB_OFFLINE), the default hub dataset and checkpoint each stop with the command that
+    downloads them, before any weights load."""
+    offline = {"HF_HUB_OFFLINE": "1"}
+    load = "from phi4_pron.data import load_split; load_split('mispeech/speechocean762', 'test')"
+    data = run_cli(["-c", load], check=False, env=offline, timeout=300)
+    assert data.returncode != 0
+    assert "DataError" in data.stderr and "hf download mispeech/speechocean762 --repo-type dataset" in data.stderr
+    train = ["-m", "phi4_pron.train", "data=mini", "hardware=cpu", "logger=none", f"hydra.run.dir={tmp_path}"]
+    model = run_cli(train, check=False, env=offline, timeout=300)
+    assert model.returncode != 0 and "ModelPathError" in model.stderr
+    assert "hf download microsoft/Phi-4-multimodal-instruct --revision refs/pr/70" in model.stderr
+    assert "Loading weights" not in model.stderr

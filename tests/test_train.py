@@ -92,3 +92,18 @@ def test_every_epoch_is_evaluated_and_logged(smoke_run):
     history = json.loads((run_dir / "checkpoint-epoch-3" / "trainer_state.json").read_text())["log_history"]
     # the epoch-3 evaluation runs after that checkpoint's state was written, so two epochs are in it
     assert [round(h["epoch"]) for h in history if "eval/mdd_f1" in h][:2] == [1, 2]
+
+
+def test_trains_from_the_hub_dataset_as_downloaded(hub_snapshot, tmp_path):
+    """``data.path`` = a folder of ``hf download mispeech/speechocean762 --repo-type dataset`` (the audio embedded in
+    parquet files): the entrypoint trains an epoch from it and evaluates under the corpus's utterance ids."""
+    from conftest import run_cli
+
+    from phi4_pron.data import load_split
+
+    run_cli(["-m", "phi4_pron.train", "experiment=smoke", f"data.path={hub_snapshot}", "optim.epochs=1",
+             "logger=none", f"output_root={tmp_path}"])  # fmt: skip
+    out = tmp_path / "paper_r64" / "eval" / "checkpoint-epoch-1"
+    ids = [json.loads(line)["id"] for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(ids) == 8 and set(ids) <= set(load_split(str(MINI), "test")["id"])
+    assert json.loads((out / "metrics.json").read_text())["n_failed"] == 0
