@@ -7,6 +7,8 @@ against :class:`TrainConfig`: an unknown key (``optim.lrr=1``) or a value of the
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -188,6 +190,24 @@ class TrainConfig:
     resume: str = "auto"  # auto: continue from the run folder's newest checkpoint if any; true: must; false: never
 
 
+def unset(schema: type) -> type:
+    """``schema`` with every field optional and None by default, nested groups alike: what a command line changes in
+    settings that come from elsewhere (``evaluate`` takes a run's own data, hardware and logger settings)."""
+    hints = typing.get_type_hints(schema)
+    spec: list[tuple] = []
+    for f in dataclasses.fields(schema):
+        kind = hints[f.name]
+        if dataclasses.is_dataclass(kind):
+            nested = unset(kind)
+            spec.append((f.name, nested, field(default_factory=nested)))
+        else:
+            spec.append((f.name, typing.Optional[kind], None))  # noqa: UP045 (a type object, not an annotation)
+    return dataclasses.make_dataclass(f"Unset{schema.__name__}", spec)
+
+
+DataChanges, HardwareChanges, LoggerChanges = unset(DataConfig), unset(HardwareConfig), unset(LoggerConfig)
+
+
 @dataclass
 class EvaluateConfig:
     """``python -m phi4_pron.evaluate``: a run's checkpoint on the test split, or saved predictions re-scored."""
@@ -196,11 +216,12 @@ class EvaluateConfig:
     checkpoint: str = "final_model"  # or checkpoint-epoch-N
     predictions: str | None = None  # re-score this predictions.jsonl; no model is loaded
     eval: EvalConfig = field(default_factory=EvalConfig)
-    # None: as the run was trained (its training_config.json); or pick a group option, e.g. data=mini
-    data: DataConfig | None = None
+    # data, hardware, logger: as the run was trained (its training_config.json), or a group option picked here
+    # (data=mini); either way with the keys set here on top (data.path=..., hardware.per_device_eval_batch_size=16)
+    data: DataChanges = field(default_factory=DataChanges)
     task: TaskConfig | None = None  # None: the questions saved with the adapter (task.json)
-    hardware: HardwareConfig | None = None
-    logger: LoggerConfig | None = None
+    hardware: HardwareChanges = field(default_factory=HardwareChanges)
+    logger: LoggerChanges = field(default_factory=LoggerChanges)
     out_dir: str = "${eval_out_dir:${run_dir},${checkpoint},${predictions}}"
 
 
@@ -244,10 +265,14 @@ def check_settings(cfg, schema: type) -> None:
         if not 0 <= optim.warmup_ratio < 1:
             problems.append(f"optim.warmup_ratio={optim.warmup_ratio} must be in [0, 1)")
     hardware = cfg.get("hardware")
-    if hardware is not None and hardware.audio_layers_kept < 0:
+    if hardware is not None and (hardware.audio_layers_kept or 0) < 0:
         problems.append(f"hardware.audio_layers_kept={hardware.audio_layers_kept} must be 0 or above")
     data = cfg.get("data")
-    if data is not None and not 0 < data.min_seconds < data.max_seconds:
+    if (
+        data is not None
+        and None not in (data.min_seconds, data.max_seconds)
+        and not 0 < data.min_seconds < data.max_seconds
+    ):
         problems.append(
             f"data.min_seconds={data.min_seconds} and data.max_seconds={data.max_seconds}: need 0 < min < max"
         )

@@ -10,6 +10,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from phi4_pron.answer import Question, questions_from_config
+from phi4_pron.config import DataConfig, HardwareConfig, LoggerConfig
 from phi4_pron.data import load_split
 from phi4_pron.inference import compile_prompt_blocks, load_adapter_for_inference
 from phi4_pron.modeling import ModelPathError
@@ -26,6 +27,24 @@ def training_config(run_dir: Path) -> DictConfig:
     if not file.exists():
         raise ModelPathError(f"{run_dir} has no training_config.json: is run_dir a phi4_pron training run folder?")
     return OmegaConf.create(json.loads(file.read_text())["config"])
+
+
+def settings(changes: DictConfig, trained: DictConfig, schema: type) -> DictConfig:
+    """One group's settings for evaluation: the run's own, or the option picked on the command line (``hardware=cpu``,
+    which names itself) over the schema's defaults; with the keys the command line set (not None) on top."""
+    base = OmegaConf.structured(schema) if changes.name is not None else trained
+    return OmegaConf.merge(base, _set_keys(OmegaConf.to_container(changes, enum_to_str=True)))
+
+
+def _set_keys(node: dict) -> dict:
+    """``node`` without its None values, nested dicts alike."""
+    out = {}
+    for key, value in node.items():
+        if isinstance(value, dict):
+            value = _set_keys(value) or None
+        if value is not None:
+            out[key] = value
+    return out
 
 
 def rescoring_questions(cfg: DictConfig, predictions: Path) -> tuple[dict[str, Question], dict[str, Any]]:
@@ -61,9 +80,9 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
         found = sorted(p.name for p in run_dir.glob("*") if (p / "adapter_config.json").exists())
         raise ModelPathError(f"{ckpt} holds no adapter; this run has: {found or 'none'}.")
     trained = training_config(run_dir)
-    data = cfg.data or trained.data
-    hardware = cfg.hardware or trained.hardware
-    run_cfg = OmegaConf.merge(trained, {"logger": cfg.logger or trained.logger})
+    data = settings(cfg.data, trained.data, DataConfig)
+    hardware = settings(cfg.hardware, trained.hardware, HardwareConfig)
+    run_cfg = OmegaConf.merge(trained, {"logger": settings(cfg.logger, trained.logger, LoggerConfig)})
 
     model, tokenizer, feature_extractor, questions = load_adapter_for_inference(
         ckpt,

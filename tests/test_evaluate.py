@@ -484,8 +484,7 @@ def test_a_broken_recording_is_counted_not_fatal(run_dir, tmp_path):
             "-m",
             "phi4_pron.evaluate",
             f"run_dir={run_dir}",
-            "data=mini",
-            f"data.path={corpus}",
+            f"data.path={corpus}",  # on top of the run's own data settings
             "eval.limit=4",
             "eval.max_new_tokens=8",
             "checkpoint=checkpoint-epoch-1",
@@ -501,6 +500,33 @@ def test_a_broken_recording_is_counted_not_fatal(run_dir, tmp_path):
     assert [r["id"] for r in records] == load_split(str(corpus), "test")["id"][:4]  # the split's order, kept
     failed = [r for r in records if r["error"]]
     assert len(failed) == 1 and failed[0]["id"] == utt and "cannot decode" in failed[0]["error"]
+
+
+def test_evaluate_takes_the_runs_settings_with_the_command_lines_keys_on_top():
+    """data, hardware and logger: the run's own (training_config.json), or the option picked (hardware=cpu) over the
+    schema's defaults; keys set on the command line on top either way, checked against the schema."""
+    from conftest import compose
+    from omegaconf import OmegaConf
+
+    from phi4_pron.config import HardwareConfig, LoggerConfig
+    from phi4_pron.evaluation import settings
+
+    trained = OmegaConf.create(
+        {
+            "hardware": {"name": "h100", "num_gpus": 1, "per_device_eval_batch_size": 256, "compile": True},
+            "logger": {"name": "wandb", "tensorboard": True, "wandb": {"enabled": True, "mode": "online"}},
+        }
+    )
+    cfg = compose(["hardware.per_device_eval_batch_size=16", "logger.wandb.mode=offline"], "evaluate")
+    hardware = settings(cfg.hardware, trained.hardware, HardwareConfig)
+    assert (hardware.name, hardware.per_device_eval_batch_size, hardware.compile) == ("h100", 16, True)
+    logger = settings(cfg.logger, trained.logger, LoggerConfig)
+    assert (logger.wandb.enabled, logger.wandb.mode, logger.tensorboard) == (True, "offline", True)
+    picked = settings(compose(["hardware=cpu", "hardware.per_device_eval_batch_size=2"], "evaluate").hardware,
+                      trained.hardware, HardwareConfig)  # fmt: skip
+    assert (picked.name, picked.num_gpus, picked.per_device_eval_batch_size, picked.compile) == ("cpu", 0, 2, False)
+    with pytest.raises(Exception, match="pth"):
+        compose(["data.pth=/corpora/speechocean762"], "evaluate")
 
 
 def test_evaluate_names_a_missing_checkpoint(run_dir):
