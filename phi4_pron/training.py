@@ -35,7 +35,7 @@ from phi4_pron.answer import TASK_FILE, Question, questions_from_config
 from phi4_pron.audio_cache import cache_audio_embeddings, unsupported_reason
 from phi4_pron.callbacks import EpochCheckpointCallback, EpochEvalCallback, latest_checkpoint
 from phi4_pron.collator import PronunciationCollator
-from phi4_pron.config import LoraInit, OnBad
+from phi4_pron.config import LoraInit, OnBad, SettingError
 from phi4_pron.data import checked, expand_questions, load_split, with_lengths
 from phi4_pron.modeling import (
     AUDIO_MODULES,
@@ -357,6 +357,12 @@ def run_training(cfg: DictConfig, run_dir: Path | None = None, callbacks: list |
 
 
 def _train(cfg: DictConfig, run_dir: Path, resume: str | None, callbacks: list | None) -> dict[str, Any]:
+    if cfg.hardware.num_gpus > 0 and not torch.cuda.is_available():
+        raise SettingError(
+            f"hardware={cfg.hardware.name} trains on {cfg.hardware.num_gpus} GPU(s), but torch {torch.__version__} "
+            "finds none (a CPU-only build of torch, or no CUDA device visible): install a CUDA build of torch "
+            "(README.md, 'Real model, real data'), or train on the CPU with hardware=cpu."
+        )
     world_size = dist.world_size()
     if cfg.hardware.num_gpus > 1 and world_size != cfg.hardware.num_gpus:
         log.warning(

@@ -100,3 +100,14 @@ def test_cli_rejects_typo_before_loading_anything():
 def test_cli_prints_the_composed_config():
     proc = run_cli(["-m", "phi4_pron.train", "--cfg", "job", "lora=r320"], timeout=120)
     assert "run_name: ${lora.run_name}" in proc.stdout and "r: 320" in proc.stdout
+
+
+def test_a_gpu_preset_without_a_gpu_names_the_fix(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("the error is for a machine without a GPU")
+    args = ["-m", "phi4_pron.train", "experiment=smoke", "hardware=a100", "optim.effective_batch_size=16"]
+    proc = run_cli([*args, "logger=none", f"hydra.run.dir={tmp_path}"], check=False, timeout=300)
+    assert proc.returncode != 0 and "hardware=a100 trains on 1 GPU(s)" in proc.stderr
+    assert "hardware=cpu" in proc.stderr and "Loading weights" not in proc.stderr
