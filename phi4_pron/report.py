@@ -119,6 +119,11 @@ def main(argv: list[str] | None = None) -> None:
     folder = parser.parse_args(argv).folder
     if not folder.is_dir():
         parser.error(f"{folder} is not a folder")
+    if not collect(folder):
+        parser.error(
+            f"{folder} holds no evaluated checkpoint (eval/<checkpoint>/metrics.json, in it or in the run folders "
+            "below it): evaluate one first, python -m phi4_pron.evaluate run_dir=<run folder>"
+        )
     print(write_table3(folder), end="")
 
 
