@@ -84,10 +84,11 @@ def table3(rows: list[dict]) -> str:
     return md
 
 
-def write_table3(root: str | Path) -> str:
-    """Write ``table3.md`` / ``table3.csv`` into ``root``; returns the markdown."""
+def write_table3(root: str | Path, rows: list[dict] | None = None) -> str:
+    """Write ``table3.md`` / ``table3.csv`` of ``rows`` (default: :func:`collect` of ``root``) into ``root``; returns
+    the markdown."""
     root = Path(root)
-    rows = collect(root)
+    rows = collect(root) if rows is None else rows
     md = table3(rows)
     buf = io.StringIO()
     fields = ["run", "checkpoint", "task", "comparable", "setting", "epoch", "n", "unparseable", *METRIC_COLUMNS]
@@ -119,12 +120,12 @@ def main(argv: list[str] | None = None) -> None:
     folder = parser.parse_args(argv).folder
     if not folder.is_dir():
         parser.error(f"{folder} is not a folder")
-    if not collect(folder):
+    if not (rows := collect(folder)):
         parser.error(
             f"{folder} holds no evaluated checkpoint (eval/<checkpoint>/metrics.json, in it or in the run folders "
             "below it): evaluate one first, python -m phi4_pron.evaluate run_dir=<run folder>"
         )
-    print(write_table3(folder), end="")
+    print(write_table3(folder, rows), end="")
 
 
 if __name__ == "__main__":

@@ -42,7 +42,6 @@ from phi4_pron.modeling import (
     adapter_summary,
     attach_speech_lora,
     audio_token_id,
-    check_native_layout,
     checkpoint_audio_layers,
     compile_layers,
     load_base_model,
@@ -231,9 +230,10 @@ def load_model(cfg: DictConfig, device: torch.device | str = "cpu") -> tuple[Any
     with the adapter."""
     model_path = resolve_model_path(cfg.model)
     revision = None if Path(model_path).is_dir() else cfg.model.revision
-    check_native_layout(model_path, revision)  # before anything else loads: a hub out of reach or the wrong layout
-    tokenizer, feature_extractor = load_tokenizer_and_features(model_path, revision)
+    # the model first, as inference loads it: its native-layout check is the first read of the checkpoint, so a hub
+    # out of reach or the remote-code layout stops there, before any weights load
     model = load_base_model(model_path, revision, getattr(torch, cfg.model.dtype), cfg.hardware.attn_implementation)
+    tokenizer, feature_extractor = load_tokenizer_and_features(model_path, revision)
     audio_token_id(tokenizer, model.config)
     extra = list(AUDIO_MODULES) if cfg.train_audio_encoder else None  # PEFT trains and saves copies of these
     model, n_loaded = attach_speech_lora(model, cfg.lora, model_path, revision, modules_to_save=extra)
