@@ -1,7 +1,7 @@
 # The two commands of README.md.
 PY := .venv/bin/python
 
-.PHONY: smoke test test-fast lint setup
+.PHONY: smoke test test-fast test-gpu lint setup
 
 setup: .venv/.installed
 
@@ -16,9 +16,12 @@ test: setup  ## set up, then run the test suite
 	$(PY) -m ruff check phi4_pron tests
 	$(PY) -m pytest -q
 
-test-fast: setup  ## the edit loop: every test but the slow (subprocess, sweep, DDP, learning) ones
+test-fast: setup  ## the edit loop: every test but the slow ones (entrypoint runs, sweeps, DDP, learning)
 	$(PY) -m ruff check phi4_pron tests
 	$(PY) -m pytest -q -m "not slow"
+
+test-gpu:  ## the GPU tier: each fast path against the plain one on a GPU (an installed CUDA torch, no set-up)
+	python3 -m pytest -q -m gpu tests
 
 lint: setup
 	$(PY) -m ruff check phi4_pron tests && $(PY) -m ruff format --check phi4_pron tests

@@ -154,6 +154,19 @@ def questions_from_config(task_cfg: Any) -> dict[str, Question]:
     }
 
 
+def task_info(task_cfg: Any, train_audio_encoder: bool = False) -> dict[str, Any]:
+    """What metrics.json says about the questions behind its numbers (``report`` and re-scoring read it)."""
+    from omegaconf import OmegaConf
+
+    task = OmegaConf.to_container(task_cfg, resolve=True) if OmegaConf.is_config(task_cfg) else dict(task_cfg)
+    return {
+        "task": task["name"],
+        "comparable_with_paper": bool(task.get("comparable_with_paper")),
+        "train_audio_encoder": train_audio_encoder,
+        "task_config": task,
+    }
+
+
 def join_parsed(parsed: Mapping[str, dict[str, Any] | None]) -> dict[str, Any] | None:
     """A recording's answers (question name -> parsed fields or None) as one dict of fields; None if none parsed."""
     if all(p is None for p in parsed.values()):

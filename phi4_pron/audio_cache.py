@@ -56,9 +56,8 @@ def compute_audio_table(
 
     Runs the model's own audio embedding (encoder, speech projection, placement) on the generation collator's batches,
     longest recordings first, and reads the embeddings back from the audio placeholders' positions. Longest first, the
-    first batch reserves the largest blocks and the later, smaller ones reuse them; shortest first, every batch needed
-    larger blocks than the pool held (training split, batch 256, H200: 108 GiB reserved against 47 GiB,
-    experiments/benchmarks/memory.md).
+    first batch reserves the largest blocks and the later, smaller ones reuse them; shortest first, every batch needs
+    larger blocks than the allocator's pool holds (about twice the memory reserved over the training split).
     """
     module = _audio_embedding(model)
     device, dtype = module.up_proj_for_speech.bias.device, module.up_proj_for_speech.bias.dtype

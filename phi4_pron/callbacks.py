@@ -1,13 +1,13 @@
-"""Trainer callbacks: checkpoint folders named by epoch."""
+"""Trainer callbacks: checkpoint folders named by epoch, and the evaluation after each."""
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -54,25 +54,6 @@ class EpochCheckpointCallback(TrainerCallback):
         shutil.rmtree(old, ignore_errors=True)
 
 
-CHECKPOINT_FILES = ("trainer_state.json", "adapter_model.safetensors", "adapter_config.json")
-
-
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint in a run folder (by training step), or None. Only ``checkpoint-epoch-N``
-    folders count (the Trainer's ``checkpoint-<step>`` becomes one only once it is whole), and only those with every
-    file of :data:`CHECKPOINT_FILES`: an incomplete one is skipped with a warning, the previous one used."""
-    best, best_step = None, -1
-    for d in Path(run_dir).glob("checkpoint-epoch-*"):
-        missing = [f for f in CHECKPOINT_FILES if not (d / f).exists()]
-        if missing:
-            log.warning("%s lacks %s: not resumable, skipped", d, missing)
-            continue
-        step = json.loads((d / "trainer_state.json").read_text()).get("global_step", -1)
-        if step > best_step:
-            best, best_step = d, step
-    return best
-
-
 class EpochEvalCallback(TrainerCallback):
     """After each epoch's checkpoint, evaluate on the test split (or ``eval.limit`` utterances) and log it.
 
@@ -93,25 +74,39 @@ class EpochEvalCallback(TrainerCallback):
         max_new_tokens: int,
         tb_writer=None,
         info: dict | None = None,
+        compiled: bool = False,
     ):
         self.trainer, self.tokenizer, self.feature_extractor = trainer, tokenizer, feature_extractor
         self.questions, self.dataset, self.run_dir = questions, dataset, Path(run_dir)
         self.batch_size, self.max_new_tokens, self.tb_writer = batch_size, max_new_tokens, tb_writer
         self.info = info or {}  # written into every metrics.json (the task, the setting)
         self.last: dict | None = None  # the newest evaluation's metrics
+        self.compiled = compiled  # a static cache and compiled decoding steps, as evaluate decodes (eval.compile)
 
     def on_save(self, args, state, control, model=None, **kwargs):
         if state.is_world_process_zero:
             self.evaluate(model, saved_epoch(state), state.global_step)
 
     def evaluate(self, model, epoch: int, step: int) -> dict:
+        import torch._inductor.config
+
+        from phi4_pron.fast.generation import fast_generation
+        from phi4_pron.fast.layers import uncompiled
         from phi4_pron.predictions import HEADLINE, evaluate_model
         from phi4_pron.tracking import log_plots, summarize
 
         name = f"checkpoint-epoch-{epoch}"
+        start = time.perf_counter()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()  # hand the training activations' cache to generation
-        with preserved_rng(), torch.compiler.set_stance("force_eager"):  # compiled layers are for training
+        # training's compiled layers run plain (their graphs are for training) and Inductor takes its defaults, so the
+        # decoding step compiles as in evaluate
+        with (
+            preserved_rng(),
+            uncompiled(model),
+            torch._inductor.config.patch(cpp_wrapper=False),
+            fast_generation(model),
+        ):
             metrics, plots = evaluate_model(
                 model,
                 self.tokenizer,
@@ -123,8 +118,9 @@ class EpochEvalCallback(TrainerCallback):
                 max_new_tokens=self.max_new_tokens,
                 info={"checkpoint": name, "epoch": epoch, "step": step, **self.info},
                 num_workers=self.trainer.args.dataloader_num_workers,
+                compiled=self.compiled,
             )
-        self.trainer.log({f"eval/{k}": metrics[k] for k in HEADLINE})
+        self.trainer.log({**{f"eval/{k}": metrics[k] for k in HEADLINE}, "eval/seconds": time.perf_counter() - start})
         log_plots(plots, step, self.tb_writer)
         summarize({"epoch": epoch, **{f"table3/{k}": metrics[k] for k in HEADLINE}})
         self.last = metrics

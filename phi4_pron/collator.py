@@ -10,6 +10,7 @@ import torch
 from phi4_pron.answer import END, Question
 from phi4_pron.audio_cache import AUDIO_ROWS, AUDIO_SPAN
 from phi4_pron.data import SAMPLING_RATE, decode_audio
+from phi4_pron.modeling import tokenizer_audio_token_id
 
 IGNORE_INDEX = -100
 QUESTION = "question"  # dataset column: which of the task's questions a row asks (phi4_pron.data.expand_questions)
@@ -18,19 +19,6 @@ QUESTION = "question"  # dataset column: which of the task's questions a row ask
 def pad_token_id(tokenizer) -> int:
     """The tokenizer's pad token, or its EOS where it has none."""
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-
-def tokenizer_audio_token_id(tokenizer) -> int:
-    """The tokenizer's own audio placeholder (``extra_special_tokens.audio_token``: ``<|endoftext11|>`` in the real
-    checkpoint); ``phi4_pron.modeling.audio_token_id`` also checks it against the model's config."""
-    token_id = getattr(tokenizer, "audio_token_id", None)
-    if token_id is None or token_id == tokenizer.unk_token_id:
-        raise ValueError(
-            "the tokenizer names no audio placeholder (extra_special_tokens.audio_token in tokenizer_config.json): "
-            "is this the native Phi-4-multimodal tokenizer? Load the hub's revision refs/pr/70 (hf download "
-            "microsoft/Phi-4-multimodal-instruct --revision refs/pr/70 --local-dir Phi-4-multimodal-instruct)."
-        )
-    return token_id
 
 
 @dataclass

@@ -280,6 +280,28 @@ def check_settings(cfg, schema: type) -> None:
         raise SettingError("; ".join(problems) + ".")
 
 
+def swept_keys() -> set[str]:
+    """Keys that take several values in this sweep: ``a=1,2`` on the command line or ``hydra.sweeper.params``."""
+    import sys
+
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    keys = set(HydraConfig.get().sweeper.get("params") or {}) if HydraConfig.initialized() else set()
+    args = [a for a in sys.argv[1:] if "=" in a and not a.startswith("-")]
+    try:
+        keys |= {o.get_key_element() for o in OverridesParser.create().parse_overrides(args) if o.is_sweep_override()}
+    except Exception:  # not Hydra overrides (e.g. under pytest): only the config's sweeper params count
+        pass
+    return {k.lstrip("+~") for k in keys}
+
+
+def job_dirname(run_name: str, task_overrides: list[str]) -> str:
+    """``paper_r64`` or ``paper_r64,optim.lr=1e-05``: the LoRA config, then the job's other swept values."""
+    swept = swept_keys() - {"lora", "experiment", "train_audio_encoder"}  # run_name names these
+    return ",".join([run_name, *(o for o in task_overrides if o.split("=", 1)[0].lstrip("+~") in swept)])
+
+
 def _eval_out_dir(run_dir: str | None, checkpoint: str, predictions: str | None) -> str:
     if predictions:  # beside the originals, never over them
         return str(Path(predictions).expanduser().parent / "rescored")
@@ -295,8 +317,6 @@ def register_configs() -> None:
     if not OmegaConf.has_resolver("if"):
         OmegaConf.register_new_resolver("if", lambda cond, yes, no="": yes if cond else no)
     if not OmegaConf.has_resolver("job_dirname"):
-        from phi4_pron.sweep import job_dirname
-
         OmegaConf.register_new_resolver("job_dirname", job_dirname)
     if not OmegaConf.has_resolver("eval_out_dir"):
         OmegaConf.register_new_resolver("eval_out_dir", _eval_out_dir)

@@ -264,7 +264,7 @@ def _wav_seconds(audio: Any) -> float | None:
 
 def _wav_samples(audio: Any) -> np.ndarray | None:
     """A 16 kHz mono 16-bit PCM WAV's samples (speechocean762's format) read by Python's ``wave``: the float32 values
-    torchcodec decodes, bit for bit, in about 1% of its time (0.4 ms against 40 ms a recording on a CPU here). None
+    torchcodec decodes, bit for bit, in a small fraction of its time. None
     for anything else, or a header that does not match its data: torchcodec decodes it (resampling, mixing down)."""
     import wave
 

@@ -31,13 +31,8 @@ from phi4_pron.answer import (
 )
 from phi4_pron.audio_cache import AUDIO_SPAN, shared_audio_table
 from phi4_pron.data import expand_questions, with_lengths
-from phi4_pron.inference import (
-    forget_static_cache_length,
-    generate_answers,
-    generate_from_batch,
-    generation_collator,
-    static_cache_len,
-)
+from phi4_pron.fast.generation import static_cache_len
+from phi4_pron.inference import generate_answers, generate_from_batch, generation_collator
 from phi4_pron.metrics import detected_mispronunciations, mdd_scores, pcc, per, wer
 from phi4_pron.paper import HEADLINE
 from phi4_pron.results import write_json_atomic, write_text_atomic
@@ -45,19 +40,6 @@ from phi4_pron.results import write_json_atomic, write_text_atomic
 log = logging.getLogger(__name__)
 
 __all__ = ["HEADLINE", "evaluate_model", "generate_records", "read_predictions", "reparse", "score", "write_results"]
-
-
-def task_info(task_cfg: Any, train_audio_encoder: bool = False) -> dict[str, Any]:
-    """What metrics.json says about the questions behind its numbers (``report`` and re-scoring read it)."""
-    from omegaconf import OmegaConf
-
-    task = OmegaConf.to_container(task_cfg, resolve=True) if OmegaConf.is_config(task_cfg) else dict(task_cfg)
-    return {
-        "task": task["name"],
-        "comparable_with_paper": bool(task.get("comparable_with_paper")),
-        "train_audio_encoder": train_audio_encoder,
-        "task_config": task,
-    }
 
 
 def reference(row: dict[str, Any]) -> dict[str, Any]:
@@ -108,9 +90,9 @@ def generate_records(
     (:func:`audio_cache.shared_audio_table`; where a recording cannot be read, every prompt reads its own audio).
     ``num_workers`` DataLoader processes collate the next batches while the GPU generates.
     ``compiled``: a static cache and compiled decoding steps (:func:`inference.generate_from_batch`), compiled once:
-    every batch has one cache length (the longest prompt's and its answer's; on a GPU with flash attention a decoding
-    step reads only its rows' own positions) and one batch size (a question's last batch filled up with repeats), so
-    all share one cache.
+    every batch has one cache length (the longest prompt's and its answer's) and one batch size (a question's last
+    batch filled up with repeats), so all share one cache where the caller reuses it
+    (:func:`phi4_pron.fast.generation.fast_generation`).
     """
     names = list(questions)
     n = len(dataset)
@@ -129,10 +111,9 @@ def generate_records(
         if compiled and n:
             batches[-1] += batches[-1][:1] * (batch_size - len(batches[-1]))
     # one static cache for all: the longest prompt (8 more: a header's duration may differ a little from the decoded
-    # one) + its answer; a decoding step reads each row's own positions of it only (inference.flash_decode_attention)
+    # one) + its answer
     longest = max((collator.padded_length(length[b[0]] + 8) + budget[b[0]] for b in batches), default=0)
-    cache_len = static_cache_len(longest, 0) if compiled else None
-    forget_static_cache_length(model)
+    cache_len = static_cache_len(longest) if compiled else None
     table = shared_audio_table(model, prompts.select(range(n)), collator, batch_size, num_workers) if n else None
     if table is not None:  # every question's prompts read their audio embeddings from it: no audio in the loader
         table, spans = table
@@ -172,7 +153,6 @@ def generate_records(
                 meta[j % n] = row
             bar.update(len(set(indices)))
     finally:
-        forget_static_cache_length(model)  # the kept static cache freed (training goes on after an eval)
         bar.close()
     return [_record(meta[i], {q: answers[k * n + i] for k, q in enumerate(names)}, questions) for i in range(n)]
 

@@ -1,4 +1,4 @@
-"""Sweep bookkeeping: job folder names, W&B grouping, and a summary + Table 3 kept current after every job."""
+"""Sweep bookkeeping: W&B grouping, and a summary + Table 3 kept current after every job."""
 
 from __future__ import annotations
 
@@ -15,27 +15,6 @@ from omegaconf import DictConfig
 from phi4_pron.results import write_json_atomic
 
 log = logging.getLogger(__name__)
-
-
-def swept_keys() -> set[str]:
-    """Keys that take several values in this sweep: ``a=1,2`` on the command line or ``hydra.sweeper.params``."""
-    import sys
-
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    keys = set(HydraConfig.get().sweeper.get("params") or {}) if HydraConfig.initialized() else set()
-    args = [a for a in sys.argv[1:] if "=" in a and not a.startswith("-")]
-    try:
-        keys |= {o.get_key_element() for o in OverridesParser.create().parse_overrides(args) if o.is_sweep_override()}
-    except Exception:  # not Hydra overrides (e.g. under pytest): only the config's sweeper params count
-        pass
-    return {k.lstrip("+~") for k in keys}
-
-
-def job_dirname(run_name: str, task_overrides: list[str]) -> str:
-    """``paper_r64`` or ``paper_r64,optim.lr=1e-05``: the LoRA config, then the job's other swept values."""
-    swept = swept_keys() - {"lora", "experiment", "train_audio_encoder"}  # run_name names these
-    return ",".join([run_name, *(o for o in task_overrides if o.split("=", 1)[0].lstrip("+~") in swept)])
 
 
 def wandb_identity(run_name: str) -> tuple[str, str | None]:

@@ -32,6 +32,7 @@ from phi4_pron.results import atomic_folder
 
 # Bump when the builder changes: the cache folder name carries it, so a stale build is never reused.
 TINY_MODEL_VERSION = "v5"
+TINY_MARKER = "TINY_MODEL.json"  # what was built, and how; a folder without it was not built here
 
 BOS_EOS = "<|endoftext|>"
 IMAGE_TOKEN, AUDIO_TOKEN = "<|endoftext10|>", "<|endoftext11|>"
@@ -221,7 +222,7 @@ def write_checkpoint(
         Phi4MultimodalFeatureExtractor().save_pretrained(tmp)
         save_converted_adapter(model, tmp / "speech-lora", r=320, alpha=640, dropout=0.01, seed=seed + 1)
         save_converted_adapter(model, tmp / "vision-lora", r=256, alpha=512, dropout=0.0, seed=seed + 2)
-        (tmp / "TINY_MODEL.json").write_text(json.dumps({**marker, "seed": seed}))
+        (tmp / TINY_MARKER).write_text(json.dumps({**marker, "seed": seed}))
     return Path(out_dir)
 
 
@@ -236,6 +237,6 @@ def build_tiny_checkpoint(out_dir: str | Path, corpus_dir: str | Path | None = N
 def ensure_tiny_checkpoint(out_dir: str | Path, corpus_dir: str | Path | None = None) -> Path:
     """Return ``out_dir``, building the tiny checkpoint there first if it is missing."""
     out_dir = Path(out_dir).expanduser()
-    if not (out_dir / "TINY_MODEL.json").exists():
+    if not (out_dir / TINY_MARKER).exists():
         build_tiny_checkpoint(out_dir, corpus_dir)
     return out_dir

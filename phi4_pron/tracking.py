@@ -11,11 +11,6 @@ from omegaconf import DictConfig, OmegaConf
 from phi4_pron.dist import is_main_process
 
 
-def report_to(cfg: DictConfig) -> list[str]:
-    """The Trainer integrations to switch on (TensorBoard gets its own callback, writing to ``logs/``)."""
-    return ["wandb"] if cfg.logger.wandb.enabled else []
-
-
 def tensorboard_callback(cfg: DictConfig, run_dir: Path):
     if not cfg.logger.tensorboard or not is_main_process():
         return None

@@ -1,12 +1,69 @@
-"""TRL's SFTTrainer, with fewer host syncs and the flash attention kernel in training."""
+"""The Trainer a job runs (TRL's SFTTrainer with fewer host syncs and the flash kernel in training) and its
+arguments from the settings."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from accelerate.utils import DistributedDataParallelKwargs
-from trl import SFTTrainer
+from omegaconf import DictConfig
+from trl import SFTConfig, SFTTrainer
 
 from phi4_pron.audio_cache import AUDIO_ROWS, embed_from_table
+
+
+def gradient_accumulation(cfg: DictConfig, world_size: int) -> int:
+    """Accumulation steps that keep ``optim.effective_batch_size``; it must divide evenly."""
+    per_step = cfg.hardware.per_device_train_batch_size * world_size
+    accum, rest = divmod(cfg.optim.effective_batch_size, per_step)
+    if accum < 1 or rest:
+        raise ValueError(
+            f"optim.effective_batch_size={cfg.optim.effective_batch_size} is not a multiple of "
+            f"hardware.per_device_train_batch_size={cfg.hardware.per_device_train_batch_size} x {world_size} "
+            "process(es); change one of them."
+        )
+    return accum
+
+
+def sft_config(cfg: DictConfig, run_dir: Path, world_size: int) -> SFTConfig:
+    """TrainingArguments of a run: the optimizer, the hardware preset, one checkpoint an epoch in ``run_dir``."""
+    hw, opt = cfg.hardware, cfg.optim
+    return SFTConfig(
+        output_dir=str(run_dir),
+        run_name=cfg.run_name,
+        num_train_epochs=opt.epochs,
+        max_steps=opt.max_steps,
+        per_device_train_batch_size=hw.per_device_train_batch_size,
+        gradient_accumulation_steps=gradient_accumulation(cfg, world_size),
+        learning_rate=opt.lr,
+        optim=opt.optimizer,
+        weight_decay=opt.weight_decay,
+        warmup_steps=opt.warmup_ratio,  # transformers 5: a float below 1 is a fraction of the steps (the ratio)
+        lr_scheduler_type=opt.lr_scheduler,
+        max_grad_norm=opt.max_grad_norm,
+        bf16=hw.bf16,
+        use_cpu=hw.num_gpus == 0,
+        gradient_checkpointing=hw.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        dataloader_num_workers=hw.dataloader_num_workers,
+        dataloader_pin_memory=hw.dataloader_pin_memory,
+        accelerator_config={"non_blocking": hw.dataloader_pin_memory and hw.num_gpus > 0},
+        # batches of similar length: little padding (the ``length`` column is the sequence's token count)
+        train_sampling_strategy="group_by_length" if cfg.data.group_by_length else "random",
+        length_column_name="length",
+        save_strategy="epoch",
+        logging_steps=cfg.logger.logging_steps,
+        logging_nan_inf_filter=False,  # the check reads every batch's loss on the host: a sync per batch
+        logging_first_step=True,
+        report_to=["wandb"] if cfg.logger.wandb.enabled else [],  # TensorBoard: its own callback, writing to logs/
+        seed=cfg.seed,
+        remove_unused_columns=False,
+        dataset_kwargs={"skip_prepare_dataset": True},
+        max_length=None,  # the collator enforces model.max_length
+        ddp_find_unused_parameters=False,
+        ddp_timeout=4 * 3600,  # the other ranks wait while rank 0 runs the per-epoch evaluation
+    )
 
 
 class PronunciationTrainer(SFTTrainer):

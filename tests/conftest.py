@@ -113,11 +113,61 @@ def smoke_runs(tmp_path_factory):
     return get
 
 
-SLOW_MODULES = {"test_learning", "test_sweep", "test_distributed", "test_bench", "test_train"}
+def tiny_lora_model(tiny_model_dir):
+    """The tiny model in fp32 with a fresh r8 LoRA, no dropout."""
+    import torch
+    from omegaconf import OmegaConf
+    from transformers import AutoModelForCausalLM
+
+    from phi4_pron.adapters import attach_speech_lora
+    from phi4_pron.config import LORA_TARGET_MODULES
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    lora = OmegaConf.create(
+        {"init": "fresh", "r": 8, "alpha": 16, "dropout": 0.0, "target_modules": LORA_TARGET_MODULES}
+    )
+    return attach_speech_lora(model, lora, path=str(tiny_model_dir))[0]
 
 
-def pytest_collection_modifyitems(items):
-    """``slow``: whole modules that train through the entrypoint, and every test using a trained smoke run."""
-    for item in items:
-        if item.module.__name__ in SLOW_MODULES or "smoke_runs" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.slow)
+def cpu_trainer(model, tiny_processing, mini_train, tmp_path, trainer_cls=None, rows=2, **args):
+    """The framework's trainer (TRL's SFTTrainer, fused answer-only LM head), or ``trainer_cls``, on the CPU."""
+    from trl import SFTConfig
+
+    from phi4_pron.collator import PronunciationCollator
+    from phi4_pron.trainer import PronunciationTrainer
+
+    tokenizer, fe = tiny_processing
+    config = SFTConfig(
+        output_dir=str(tmp_path),
+        use_cpu=args.pop("use_cpu", True),
+        report_to=[],
+        remove_unused_columns=False,
+        dataset_kwargs={"skip_prepare_dataset": True},
+        max_length=None,
+        **args,
+    )
+    return (trainer_cls or PronunciationTrainer)(
+        model=model,
+        args=config,
+        train_dataset=mini_train.select(range(rows)),
+        data_collator=PronunciationCollator(tokenizer, fe, task_questions("joint")),
+        processing_class=tokenizer,
+    )
+
+
+def joint_batch(tiny_processing, mini_train):
+    from phi4_pron.collator import PronunciationCollator
+
+    return PronunciationCollator(*tiny_processing, task_questions("joint"))([mini_train[i] for i in range(4)])
+
+
+def loss_and_grads(model, fn):
+    """``fn()``'s loss and every trainable parameter's gradient, from zero (the audio encoder's streaming-mask layout,
+    drawn from numpy in training mode, seeded)."""
+    import numpy as np
+
+    model.zero_grad()
+    np.random.seed(0)
+    loss = fn()
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}

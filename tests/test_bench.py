@@ -11,6 +11,7 @@ import pytest
 from conftest import run_cli
 
 
+@pytest.mark.slow
 def test_fast_path_trains_the_same_model_and_rows_reproduce(tmp_path):
     out = tmp_path / "out"
     run_cli(["-m", "phi4_pron.bench", "check", "--tiny", "--root", str(tmp_path / "bench"), "--out", str(out)])
@@ -34,12 +35,28 @@ def test_fast_path_trains_the_same_model_and_rows_reproduce(tmp_path):
     assert losses == pytest.approx(fast["losses"], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_floor_times_the_epoch_that_training_runs(tmp_path):
     """``bench floor`` takes its micro-batches from the same epoch a training row runs: as many, of the same tokens
     (the Unfreeze row, which also runs the audio encoder, at its batch of 8)."""
     root, out = str(tmp_path / "bench"), tmp_path / "out"
-    run_cli(["-m", "phi4_pron.bench", "floor", "--tiny", "--only", "0", "1", "5", "--root", root, "--out", str(out)])
-    run_cli(["-m", "phi4_pron.bench", "train", "--tiny", "--only", "1", "--root", root, "--out", str(out)])
+    run_cli(
+        [
+            "-m",
+            "phi4_pron.bench",
+            "floor",
+            "--tiny",
+            "--only",
+            "frozen",
+            "r64",
+            "unfreeze-batch-8",
+            "--root",
+            root,
+            "--out",
+            str(out),
+        ]
+    )
+    run_cli(["-m", "phi4_pron.bench", "train", "--tiny", "--only", "h100-r64", "--root", root, "--out", str(out)])
     frozen, lora, unfreeze = json.loads((out / "floor.json").read_text())["rows"]
     (train,) = json.loads((out / "train.json").read_text())["rows"]
     assert unfreeze["audio"] and unfreeze["micro_batches"] == train["samples_per_epoch"] // 8
@@ -50,6 +67,7 @@ def test_floor_times_the_epoch_that_training_runs(tmp_path):
     assert lora["lora"] == "r64" and "lora=r64" in lora["command"]
 
 
+@pytest.mark.slow
 def test_epoch_rows_time_every_step_after_the_compiling_ones(tmp_path):
     """``bench train --epoch``: the row trains its first epoch and times every step after its ``warmup`` ones; the
     epoch figure scales that wall by the samples of the epoch over those of the timed steps."""
@@ -64,3 +82,25 @@ def test_epoch_rows_time_every_step_after_the_compiling_ones(tmp_path):
     assert "optim.epochs=1" in row["command"] and "max_steps" not in row["command"]
     assert math.isfinite(row["epoch_s"]) and row["epoch_s"] == pytest.approx(64 / row["samples_per_s"])
     assert row["s_per_step"] == pytest.approx(48 / row["samples_per_s"] / 3)  # 3 timed steps of 16
+
+
+@pytest.mark.slow
+def test_the_job_row_times_the_main_jobs_shape_end_to_end(tmp_path):
+    """``bench job``: one epoch with the test split evaluated before and after it, the checkpoint saved and
+    ``table3.md`` written; its parts add up to the whole, and the 4-epoch projection counts each part as the main job
+    repeats it (5 evaluations, 4 saves)."""
+    root, out = str(tmp_path / "bench"), tmp_path / "out"
+    run_cli(["-m", "phi4_pron.bench", "job", "--tiny", "--only", "h100-r64", "--root", root, "--out", str(out)])
+    result = json.loads((out / "job.json").read_text())
+    (row,) = result["rows"]
+    parts = ["load_s", "eval_first_s", "compile_steps_s", "steps_s", "save_s", "eval_s", "final_s"]
+    assert row["table3"] and all(row[p] > 0 for p in parts)
+    assert sum(row[p] for p in parts) <= row["total_s"] <= 1.05 * sum(row[p] for p in parts) + 1.0
+    projected = (
+        sum(row[p] for p in ["load_s", "eval_first_s", "compile_steps_s", "steps_s", "final_s"])
+        + 3 * row["epoch_s"]
+        + 4 * (row["save_s"] + row["eval_s"])
+    )
+    assert row["projected_4_epochs_s"] == pytest.approx(projected)
+    assert result["summary"]["paper_table3_projection_s"] == pytest.approx(4 * projected)
+    assert "eval.before_training=true" in row["command"] and "optim.epochs=1" in row["command"]

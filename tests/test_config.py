@@ -64,7 +64,7 @@ def test_wrong_value_fails(override):
 
 
 def test_gradient_accumulation_is_derived_from_the_effective_batch():
-    from phi4_pron.training import gradient_accumulation
+    from phi4_pron.trainer import gradient_accumulation
 
     assert gradient_accumulation(compose(["hardware=a100"]), world_size=1) == 4  # 64 / 16
     assert gradient_accumulation(compose(["hardware=h100", "train_audio_encoder=true"]), world_size=1) == 4  # 64 / 16
@@ -84,7 +84,7 @@ def test_gradient_accumulation_is_derived_from_the_effective_batch():
     ],
 )
 def test_gpu_batches_are_pinned_and_copied_without_waiting(tmp_path, overrides, pinned, non_blocking):
-    from phi4_pron.training import sft_config
+    from phi4_pron.trainer import sft_config
 
     # bf16 off: TrainingArguments refuses bf16 on a machine without a GPU
     args = sft_config(compose([*overrides, "hardware.bf16=false", "logger=none"]), tmp_path, world_size=1)
@@ -111,3 +111,25 @@ def test_a_gpu_preset_without_a_gpu_names_the_fix(tmp_path):
     proc = run_cli([*args, "logger=none", f"hydra.run.dir={tmp_path}"], check=False, timeout=300)
     assert proc.returncode != 0 and "hardware=a100 trains on 1 GPU(s)" in proc.stderr
     assert "hardware=cpu" in proc.stderr and "Loading weights" not in proc.stderr
+
+
+def test_settings_hydra_lets_through_are_refused():
+    from phi4_pron.config import SettingError, TrainConfig, check_settings
+
+    check_settings(compose(["experiment=smoke"]), TrainConfig)
+    with pytest.raises(SettingError, match="lrr"):
+        check_settings(compose(["+optim.lrr=1e-5"]), TrainConfig)
+    with pytest.raises(SettingError, match=r"optim.lr=-0.001 must be above 0.*optim.epochs=0.0 must be above 0"):
+        check_settings(compose(["optim.lr=-1e-3", "optim.epochs=0"]), TrainConfig)
+    with pytest.raises(SettingError, match=r"hardware.audio_layers_kept=-1 must be 0 or above"):
+        check_settings(compose(["hardware.audio_layers_kept=-1"]), TrainConfig)
+
+
+def test_the_cli_refuses_an_added_key_before_loading(tmp_path):
+    proc = run_cli(
+        ["-m", "phi4_pron.train", "experiment=smoke", "+optim.lrr=1e-5", f"output_root={tmp_path}"],
+        check=False,
+        timeout=120,
+    )
+    assert proc.returncode != 0 and "optim.lrr is not a setting" in proc.stderr
+    assert "Loading weights" not in proc.stderr  # (Hydra has made the run folder by then, nothing more)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from conftest import compose, run_cli
 
 
+@pytest.mark.slow
 def test_two_process_ddp_writes_one_run_folder(tmp_path):
     """Two processes from a fresh cache: both build the tiny checkpoint (one folder lands whole), then train."""
     run_cli(
@@ -43,6 +45,7 @@ def test_two_process_ddp_writes_one_run_folder(tmp_path):
     assert (run_dir / "final_model" / "adapter_model.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_slurm_launcher_composes():
     cfg = compose(["hydra/launcher=slurm", "lora=r320", "hardware=h100"])
     assert cfg.hydra.launcher._target_.endswith("SlurmLauncher")

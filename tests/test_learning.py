@@ -21,8 +21,8 @@ RUNS = [("r64", True, "paper"), ("r320", False, "paper"), ("r64", False, "joint"
 # rate and more steps. Another CPU's rounding takes training elsewhere, so the schedule must overfit with room to
 # spare: with 150 / 250 epochs an AMD EPYC's r320-nocache-paper run answered one recording's MDD with another's
 # transcript (its lead -0.03) and r64-cache-paper was at 0.23. With these, every answer token's logit leads the
-# runner-up by at least 3.7 there (`python scripts/overfit_margins.py RUN_DIR`, teacher-forced, batched as evaluate
-# batches: 3.73, 5.27, 7.32, 7.62 for the four runs in RUNS' order).
+# runner-up by at least 3.7 there (teacher-forced, batched as evaluate batches,
+# by scripts/overfit_margins.py of commit 17cc71b: 3.73, 5.27, 7.32, 7.62 for the four runs in RUNS' order).
 SCHEDULE = {"r64": ("optim.epochs=200", "optim.lr=5e-3"), "r320": ("optim.epochs=400", "optim.lr=2e-3")}
 
 
@@ -72,6 +72,7 @@ def overfit_runs(tmp_path_factory):
     return get
 
 
+@pytest.mark.slow
 def test_the_four_recordings_can_show_it():
     """Their human scores differ on every aspect and one phone is mispronounced: PCC and F1 are defined."""
     from phi4_pron.data import load_split
@@ -82,6 +83,7 @@ def test_the_four_recordings_can_show_it():
     assert any(m for w in rows["words"] for word in w for m in word["mispronunciations"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lora,cache,task", RUNS, ids=[f"{lo}-{'cache' if c else 'nocache'}-{t}" for lo, c, t in RUNS])
 def test_overfit_model_answers_its_training_recordings_perfectly(overfit_runs, lora, cache, task):
     run_dir = overfit_runs((lora, cache, task))
@@ -100,14 +102,16 @@ def test_overfit_model_answers_its_training_recordings_perfectly(overfit_runs, l
         assert (got["transcript"], got["phones"]) == (ref["text"], ref["phones"])
 
 
+@pytest.mark.slow
 def test_transcripts_follow_the_audio_not_the_prompt(overfit_runs):
     """The paper's MDD prompt holds no sentence: given recording B's audio under recording A's row, the overfit model
     transcribes B. So the audio reaches the language model through the placeholders in training and generation."""
     from phi4_pron.data import load_split
-    from phi4_pron.inference import generate_answers, load_adapter_for_inference
+    from phi4_pron.inference import generate_answers, load_adapter_for_inference, saved_questions
 
     run_dir = overfit_runs(("r64", True, "paper"))
-    model, tokenizer, fe, questions = load_adapter_for_inference(run_dir / "final_model")
+    model, tokenizer, fe = load_adapter_for_inference(run_dir / "final_model")
+    questions = saved_questions(run_dir / "final_model")
     rows = list(load_split(str(MINI), "train", limit=4))
     swapped = [{**row, "audio": rows[(i + 1) % 4]["audio"], "question": "mdd"} for i, row in enumerate(rows)]
     answers = generate_answers(model, tokenizer, fe, questions, swapped, max_new_tokens=96)

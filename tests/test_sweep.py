@@ -24,6 +24,7 @@ def sweep_dir(tmp_path_factory):
 JOBS = ("pretrained_r320", "pretrained_r320_unfreeze", "paper_r64", "paper_r64_unfreeze")
 
 
+@pytest.mark.slow
 def test_sweep_runs_the_papers_table3_grid_into_complete_job_folders(sweep_dir):
     settings = {}
     for job in JOBS:
@@ -45,6 +46,7 @@ def test_sweep_runs_the_papers_table3_grid_into_complete_job_folders(sweep_dir):
     assert [j["status"] for j in summary["jobs"]] == ["completed"] * 4 and summary["failed"] == []
 
 
+@pytest.mark.slow
 def test_unfreeze_trains_the_audio_encoder_and_its_weights_reload(sweep_dir, tiny_model_dir):
     """Unfreeze saves the trained audio encoder + projection with the adapter; inference loads exactly those."""
     from safetensors.torch import load_file
@@ -69,6 +71,7 @@ def test_unfreeze_trains_the_audio_encoder_and_its_weights_reload(sweep_dir, tin
     assert changed > len(audio) // 2  # training moved them
 
 
+@pytest.mark.slow
 def test_sweep_has_one_wandb_group_and_a_table3(sweep_dir):
     group = f"sweep-{sweep_dir.parent.name}-{sweep_dir.name}"
     runs = sorted(sweep_dir.glob("*/wandb/offline-run-*/run-*.wandb"))
@@ -83,6 +86,7 @@ def test_sweep_has_one_wandb_group_and_a_table3(sweep_dir):
     assert "(*)" not in table  # the paper's task: every row comparable
 
 
+@pytest.mark.slow
 def test_other_swept_values_name_the_job_folder(tmp_path):
     out = tmp_path / "s"
     run_cli(
@@ -105,6 +109,7 @@ def test_other_swept_values_name_the_job_folder(tmp_path):
     ]
 
 
+@pytest.mark.slow
 def test_a_failing_job_is_reported_and_the_others_finish(tmp_path):
     out = tmp_path / "s"
     proc = run_cli(
@@ -130,6 +135,7 @@ def test_a_failing_job_is_reported_and_the_others_finish(tmp_path):
     assert "sweep job #0" in proc.stderr + proc.stdout
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_end(tmp_path):
     out = tmp_path / "out"
     args = [
@@ -166,6 +172,7 @@ def test_killed_run_resumes_to_the_same_end(tmp_path):
     assert (run_dir / "final_model" / "adapter_model.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_resume_true_without_checkpoint_is_refused(tmp_path):
     proc = run_cli(
         ["-m", "phi4_pron.train", "experiment=smoke", "logger=none", "resume=true", f"output_root={tmp_path}"],
@@ -174,6 +181,7 @@ def test_resume_true_without_checkpoint_is_refused(tmp_path):
     assert proc.returncode != 0 and "has no complete checkpoint-epoch-N folder to resume from" in proc.stderr
 
 
+@pytest.mark.slow
 def test_a_finished_job_releases_its_model(tmp_path):
     """Nothing of a job's model survives it in the process, so the next sweep job starts clean."""
     code = f"""
@@ -182,7 +190,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 import phi4_pron.config
-from phi4_pron.training import run_training
+from phi4_pron.jobs.train import run_training
 from peft import PeftModel
 with initialize_config_dir(config_dir="{REPO / "conf"}", version_base="1.3"):
     cfg = compose("train", overrides=["experiment=smoke", "optim.max_steps=2", "eval.every_epoch=false",

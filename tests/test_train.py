@@ -13,6 +13,7 @@ def smoke_run(request, smoke_runs):
     return request.param, smoke_runs(request.param)
 
 
+@pytest.mark.slow
 def test_run_folder_is_complete(smoke_run):
     _, run_dir = smoke_run
     for name in ["checkpoint-epoch-1", "checkpoint-epoch-2", "checkpoint-epoch-3", "logs", ".hydra"]:
@@ -26,6 +27,7 @@ def test_run_folder_is_complete(smoke_run):
     assert list((run_dir / "wandb").glob("offline-run-*"))
 
 
+@pytest.mark.slow
 def test_loss_decreases(smoke_run):
     _, run_dir = smoke_run
     history = json.loads((run_dir / "checkpoint-epoch-3" / "trainer_state.json").read_text())["log_history"]
@@ -35,6 +37,7 @@ def test_loss_decreases(smoke_run):
     assert last < first - 0.2, losses
 
 
+@pytest.mark.slow
 def test_training_config_records_the_lora_setup(smoke_run):
     lora, run_dir = smoke_run
     tc = json.loads((run_dir / "training_config.json").read_text())
@@ -59,19 +62,21 @@ def test_training_config_records_the_lora_setup(smoke_run):
     assert speech["tensors_loaded"] == {"r64": 0, "r320": 16}[lora]
 
 
+@pytest.mark.slow
 def test_saved_adapter_reloads_and_generates(smoke_run):
     import torch
 
     from phi4_pron.collator import PronunciationCollator
     from phi4_pron.data import load_split
-    from phi4_pron.inference import generate_answers, load_adapter_for_inference
+    from phi4_pron.inference import generate_answers, load_adapter_for_inference, saved_questions
 
     lora, run_dir = smoke_run
     adapter = json.loads((run_dir / "final_model" / "adapter_config.json").read_text())
     assert adapter["r"] == {"r64": 64, "r320": 320}[lora]
     rows = load_split(str(MINI), "test", limit=2)
-    merged, tokenizer, fe, questions = load_adapter_for_inference(run_dir / "final_model")
-    unmerged, _, _, _ = load_adapter_for_inference(run_dir / "final_model", merge=False)
+    merged, tokenizer, fe = load_adapter_for_inference(run_dir / "final_model")
+    questions = saved_questions(run_dir / "final_model")
+    unmerged, _, _ = load_adapter_for_inference(run_dir / "final_model", merge=False)
     assert unmerged.peft_config["default"].r == adapter["r"] and not hasattr(merged, "peft_config")
     rows = [{**rows[0], "question": "apa"}, {**rows[1], "question": "mdd"}]
     batch = PronunciationCollator(tokenizer, fe, questions)([rows[0], rows[1]])
@@ -82,6 +87,7 @@ def test_saved_adapter_reloads_and_generates(smoke_run):
     assert len(answers) == 2 and all(isinstance(a, str) and a for a in answers)
 
 
+@pytest.mark.slow
 def test_every_epoch_is_evaluated_and_logged(smoke_run):
     _, run_dir = smoke_run
     for epoch in (1, 2, 3):
@@ -94,6 +100,7 @@ def test_every_epoch_is_evaluated_and_logged(smoke_run):
     assert [round(h["epoch"]) for h in history if "eval/mdd_f1" in h][:2] == [1, 2]
 
 
+@pytest.mark.slow
 def test_trains_from_the_hub_dataset_as_downloaded(hub_snapshot, tmp_path):
     """``data.path`` = a folder of ``hf download mispeech/speechocean762 --repo-type dataset`` (the audio embedded in
     parquet files): the entrypoint trains an epoch from it and evaluates under the corpus's utterance ids."""

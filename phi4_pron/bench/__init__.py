@@ -5,10 +5,12 @@
     python -m phi4_pron.bench eval   --out experiments/benchmarks   # s for the test split, original vs preset
     python -m phi4_pron.bench check  --out experiments/benchmarks   # fast path vs original recipe: same training?
     python -m phi4_pron.bench floor  --out experiments/benchmarks   # the LM alone over an epoch's batches: the floor
-    python -m phi4_pron.bench train --tiny --only 0 1               # the same code on the tiny model (CPU)
+    python -m phi4_pron.bench job    --out experiments/benchmarks   # the main job's shape end to end, projected
+    python -m phi4_pron.bench train --tiny --only h100-r64            # the same code on the tiny model (CPU)
 
 Rows are `python -m phi4_pron.train` / `evaluate` commands, composed by Hydra from ``conf/`` with the overrides in
-``conf/bench/<mode>.yaml`` and run in this process through ``training.run_training`` / ``evaluation.run_evaluation``
+``conf/bench/<mode>.yaml`` and run in this process through ``jobs.train.run_training`` or
+``jobs.evaluate.run_evaluation``
 (:mod:`phi4_pron.bench.measure`); each printed row carries its command. The model and corpus they name are the
 stand-ins of :mod:`phi4_pron.bench.stand_in`, built under ``--root`` on first use.
 """

@@ -1,5 +1,5 @@
-"""``python -m phi4_pron.bench train|memory|eval|check|floor [--tiny] [--out DIR] [--only I ...]``: speed and memory
-of the framework's own commands on a full-size random-weight model (see ``phi4_pron/bench/__init__.py``)."""
+"""``python -m phi4_pron.bench train|memory|eval|check|floor|job [--tiny] [--out DIR] [--only NAME ...]``: speed and
+memory of the framework's own commands on a full-size random-weight model (see ``phi4_pron/bench/__init__.py``)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from phi4_pron.bench import stand_in
-from phi4_pron.bench.measure import eval_row, free_memory, train_row, versions
+from phi4_pron.bench.measure import compose, eval_row, free_memory, job_row, train_row, versions
 from phi4_pron.config import REPO_ROOT
 
 COLUMNS = {
@@ -47,6 +47,21 @@ COLUMNS = {
         "peak_gib",
     ],
     "check": ["label", "s_per_step", "losses"],
+    "job": [
+        "label",
+        "total_s",
+        "load_s",
+        "eval_first_s",
+        "compile_steps_s",
+        "steps_s",
+        "save_s",
+        "eval_s",
+        "final_s",
+        "epoch_s",
+        "projected_4_epochs_s",
+        "steps_peak_gib",
+        "eval_peak_gib",
+    ],
     "floor": [
         "label",
         "epoch_s",
@@ -144,47 +159,78 @@ def _out_of_memory(e: Exception) -> bool:
     return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
 
 
-def longest_answer_tokens(run_dir: Path) -> dict[str, int]:
-    """Per question, the longest reference answer of the eval split in tokens (+1 for <|end|>), as the trained run
-    would give it."""
+def longest_answer_tokens(model_path: str, data_path: str, split: str, task: Any) -> dict[str, int]:
+    """Per question, the longest reference answer of ``split`` in tokens (+1 for <|end|>): an upper bound on a trained
+    model's answers, which random weights (that never say <|end|>) are capped at."""
     from phi4_pron.answer import questions_from_config
     from phi4_pron.data import load_split
     from phi4_pron.modeling import load_tokenizer_and_features
 
-    trained = json.loads((run_dir / "training_config.json").read_text())["config"]
-    tokenizer, _ = load_tokenizer_and_features(str(run_dir / "final_model"))
-    questions = questions_from_config(OmegaConf.create(trained["task"]))
-    rows = load_split(trained["data"]["path"], trained["data"]["eval_split"]).remove_columns("audio").to_list()
+    tokenizer, _ = load_tokenizer_and_features(model_path)
+    rows = load_split(data_path, split).remove_columns("audio").to_list()
     return {
         name: 1 + max(len(tokenizer(q.target(r), add_special_tokens=False)["input_ids"]) for r in rows)
-        for name, q in questions.items()
+        for name, q in questions_from_config(task).items()
     }
 
 
-def run_eval(spec, rows, base, after, root, tiny) -> list[dict[str, Any]]:
-    trained = train_row([*base, *spec["train"], *after], 0, 1, fresh_dir(root / "runs" / "eval-model"))
-    run_dir = Path(trained["run_dir"])
-    longest = longest_answer_tokens(run_dir)
+def answer_caps(cfg, tiny: bool) -> list[str]:
+    """Overrides capping each question's answers at its longest reference answer (8 tokens on the tiny model)."""
+    from phi4_pron.jobs.train import model_path
+
+    longest = longest_answer_tokens(model_path(cfg.model), cfg.data.path, cfg.data.eval_split, cfg.task)
     if tiny:
         longest = dict.fromkeys(longest, 8)
-    max_new = max(longest.values())
-    task = json.loads((run_dir / "training_config.json").read_text())["config"]["task"]["name"]
     caps = [f"task.questions.{q}.max_new_tokens={n}" for q, n in longest.items()]
+    return [*caps, f"eval.max_new_tokens={max(longest.values())}"]
+
+
+def run_eval(spec, rows, base, after, root, tiny) -> list[dict[str, Any]]:
+    overrides = [*base, *spec["train"], *after]
+    trained = train_row(overrides, 0, 1, fresh_dir(root / "runs" / "eval-model"))
+    run_dir = Path(trained["run_dir"])
+    cfg = compose("train", overrides)
+    caps = answer_caps(cfg, tiny)
     out = []
     for i, row in rows:
-        overrides = [
-            f"run_dir={run_dir}",
-            *row["overrides"],
-            *after,
-            f"task={task}",
-            *caps,
-            f"eval.max_new_tokens={max_new}",
-        ]
+        overrides = [f"run_dir={run_dir}", *row["overrides"], *after, f"task={cfg.task.name}", *caps]
         result = eval_row(overrides, scale_to=stand_in.SPLIT_RECORDINGS)
-        budgets = ", ".join(f"{q} {n}" for q, n in longest.items())
+        budgets = ", ".join(c.split("questions.")[1].replace(".max_new_tokens=", " ") for c in caps[:-1])
         out.append({**row, **result, "max_new_tokens": budgets, "row": i})
         report(out[-1])
     return out
+
+
+def run_job_rows(spec, rows, base, after, root, tiny) -> list[dict[str, Any]]:
+    """Each row: one epoch of the main job's shape, timed with its parts (:func:`measure.job_row`)."""
+    out = []
+    for name, row in rows:
+        overrides = [*base, *row_overrides(spec, row), *after, *(["optim.effective_batch_size=16"] if tiny else [])]
+        overrides += answer_caps(compose("train", overrides), tiny)
+        warmup = 1 if tiny else spec["warmup"]
+        result = job_row(overrides, warmup, fresh_dir(root / "runs" / f"job-{name}"), epochs=spec["epochs"])
+        out.append({**row, **result, "row": name})
+        report(out[-1])
+        shutil.rmtree(root / "runs" / f"job-{name}", ignore_errors=True)
+    return out
+
+
+def table3_projection(results: list[dict[str, Any]], spec: dict) -> dict[str, Any]:
+    """``experiment=paper_table3`` (every row's configuration, ``epochs`` each) projected from the measured rows: a
+    configuration not measured takes the first measured row's figures, and is named."""
+    key = f"projected_{spec['epochs']}_epochs_s"
+    measured = {r["row"]: r[key] for r in results}
+    if not measured:
+        return {}
+    first = results[0]["row"]
+    assumed = [name for name in spec["rows"] if name not in measured]
+    total = sum(measured.get(name, measured[first]) for name in spec["rows"])
+    return {
+        "paper_table3_projection_s": total,
+        "paper_table3_projection": f"{total / 60:.1f} min for {len(spec['rows'])} jobs of {spec['epochs']} epochs",
+        "measured": ", ".join(measured),
+        "assumed_as_" + first: ", ".join(assumed) or "none",
+    }
 
 
 def compare(results: list[dict[str, Any]]) -> dict[str, Any]:
@@ -193,7 +239,7 @@ def compare(results: list[dict[str, Any]]) -> dict[str, Any]:
     import torch
     from safetensors.torch import load_file
 
-    from phi4_pron.modeling import PEFT_PREFIX
+    from phi4_pron.adapters import PEFT_PREFIX
 
     a, b = results
     record = json.loads((Path(b["run_dir"]) / "training_config.json").read_text())
@@ -246,14 +292,17 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("mode", choices=list(COLUMNS))
     p.add_argument("--tiny", action="store_true", help="the tiny model on the CPU: checks every path, measures nothing")
-    p.add_argument("--only", type=int, nargs="*", help="indices of the rows to run")
+    p.add_argument("--only", nargs="*", help="names of the rows to run (conf/bench/<mode>.yaml)")
     p.add_argument("--epoch", action="store_true", help="train: time each row's whole first epoch, not its steps")
     p.add_argument("--root", type=Path, default=REPO_ROOT / "output" / "bench", help="stand-ins and run folders")
     p.add_argument("--out", type=Path, help="write <mode>.json and <mode>.md here")
     a = p.parse_args(argv)
 
     spec = settings(a.mode)
-    rows = [(i, r) for i, r in enumerate(spec["rows"]) if a.only is None or i in a.only]
+    unknown = sorted(set(a.only or ()) - set(spec["rows"]))
+    if unknown:
+        p.error(f"no row {unknown} in conf/bench/{a.mode}.yaml; its rows: {', '.join(spec['rows'])}")
+    rows = [(name, r) for name, r in spec["rows"].items() if a.only is None or name in a.only]
     after = TINY_AFTER if a.tiny else []
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     summary: dict[str, Any] = {}
@@ -264,6 +313,9 @@ def main(argv: list[str] | None = None) -> None:
     elif a.mode == "eval":
         results = run_eval(spec, rows, base_overrides(a.root, a.tiny), after, a.root, a.tiny)
         ratios(results, "test_split_s")
+    elif a.mode == "job":
+        results = run_job_rows(spec, rows, base_overrides(a.root, a.tiny), after, a.root, a.tiny)
+        summary = table3_projection(results, spec)
     elif a.mode == "memory":
         base = base_overrides(a.root, a.tiny, seconds=spec["seconds"], n=spec["recordings"])
         results = run_train_rows(spec, rows, base, after, a.root, a.tiny, a.mode)

@@ -26,9 +26,10 @@ def epoch_shapes(cfg) -> list[tuple[int, int, list[tuple[int, int, int, int]]]]:
     from phi4_pron.answer import questions_from_config
     from phi4_pron.collator import PronunciationCollator
     from phi4_pron.data import expand_questions, load_split, with_lengths
-    from phi4_pron.modeling import load_tokenizer_and_features, resolve_model_path
+    from phi4_pron.jobs.train import model_path
+    from phi4_pron.modeling import load_tokenizer_and_features
 
-    path = resolve_model_path(cfg.model)
+    path = model_path(cfg.model)
     tokenizer, fe = load_tokenizer_and_features(path, None if Path(path).is_dir() else cfg.model.revision)
     questions = questions_from_config(cfg.task)
     collator = PronunciationCollator(tokenizer, fe, questions)
@@ -117,14 +118,16 @@ def run_floor(spec: dict, rows: list, base: list[str], after: list[str]) -> list
     ``audio`` rows also train the audio encoder and projector (Unfreeze). Compiled on a GPU."""
     from peft import LoraConfig, cast_mixed_precision_params, get_peft_model
 
+    from phi4_pron.adapters import AUDIO_MODULES
     from phi4_pron.bench.measure import command
-    from phi4_pron.modeling import AUDIO_MODULES, compile_layers, load_base_model, resolve_model_path
-    from phi4_pron.training import compile_settings
+    from phi4_pron.fast.layers import compile_layers, compile_settings
+    from phi4_pron.jobs.train import model_path
+    from phi4_pron.modeling import load_base_model
 
     cfg = compose("train", [*base, *spec["train"], *after])
     gpu = torch.cuda.is_available()
     dtype = torch.bfloat16 if cfg.hardware.bf16 else torch.float32
-    path = resolve_model_path(cfg.model)
+    path = model_path(cfg.model)
     revision = None if Path(path).is_dir() else cfg.model.revision
     model = load_base_model(path, revision, dtype, "sdpa").to("cuda" if gpu else "cpu")
     model.requires_grad_(False).train()

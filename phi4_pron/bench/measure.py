@@ -1,8 +1,8 @@
 """One benchmark row: a ``python -m phi4_pron.train`` (or ``evaluate``) command run in this process, timed.
 
 The config is composed by Hydra from ``conf/`` with the row's overrides, exactly as the entrypoint composes it, and
-handed to :func:`phi4_pron.training.run_training` / :func:`phi4_pron.evaluation.run_evaluation`: the benchmark adds a
-timer callback and nothing else.
+handed to :func:`phi4_pron.jobs.train.run_training` / :func:`phi4_pron.jobs.evaluate.run_evaluation`: the benchmark
+adds a timer callback and nothing else.
 """
 
 from __future__ import annotations
@@ -25,8 +25,7 @@ from phi4_pron.config import REPO_ROOT
 class GenerateTimes:
     """While active (``with GenerateTimes() as times``), every ``generate()`` call is timed into ``times.calls``: the
     wait before it (loading, the loader), its prefill (to the first token) and its decoding. Each token is
-    synchronised through a streamer, which makes decoding look slower than it is (scripts/eval_breakdown.py,
-    scripts/profile_eval.py)."""
+    synchronised through a streamer, which makes decoding look slower than it is (``bench.profile eval``)."""
 
     def __init__(self) -> None:
         self.calls: list[dict[str, Any]] = []
@@ -168,7 +167,7 @@ class StepTimer(TrainerCallback):
 def train_row(overrides: list[str], warmup: int, steps: int, run_dir: Path) -> dict[str, Any]:
     """Train ``warmup + steps`` optimizer steps with the config of ``overrides`` (``steps < 0``: to the end of the
     first epoch, so the timed steps are the epoch's but its first ``warmup``); the row's figures."""
-    from phi4_pron.training import run_training
+    from phi4_pron.jobs.train import run_training
 
     whole = steps < 0
     overrides = [*overrides, "optim.epochs=1" if whole else f"optim.max_steps={warmup + steps}"]
@@ -207,7 +206,7 @@ def train_row(overrides: list[str], warmup: int, steps: int, run_dir: Path) -> d
 def eval_row(overrides: list[str], scale_to: int | None = None) -> dict[str, Any]:
     """Run ``python -m phi4_pron.evaluate <overrides>``; wall seconds, and the generation's share (compile
     included) from its metrics.json. ``scale_to``: the seconds scaled to that many recordings."""
-    from phi4_pron.evaluation import run_evaluation
+    from phi4_pron.jobs.evaluate import run_evaluation
 
     cfg = compose("evaluate", overrides)
     free_memory()
@@ -229,3 +228,89 @@ def eval_row(overrides: list[str], scale_to: int | None = None) -> dict[str, Any
     }
     free_memory()
     return row
+
+
+class JobTimer(TrainerCallback):
+    """Marks of a training job (the GPU synchronised at each): the Trainer's start (after loading and epoch 0's
+    evaluation), the end of the ``warmup`` (compiling) steps and of the last step, the checkpoint saved, the end (after
+    the last evaluation); the peak memory of the steps and of the last evaluation."""
+
+    def __init__(self, warmup: int):
+        self.warmup, self.marks, self.log_history = warmup, {}, []
+        self.samples, self.steps, self.steps_peak_gib = 0, 0, math.nan
+
+    def _mark(self, name: str) -> None:
+        sync()
+        self.marks[name] = time.perf_counter()
+
+    def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
+        self._mark("train_begin")
+        self.samples = len(train_dataloader.dataset)
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.warmup:
+            self._mark("compiled")
+        if state.global_step == state.max_steps:
+            self._mark("last_step")
+            self.steps, self.steps_peak_gib = state.global_step, peak_gib()
+
+    def on_save(self, args, state, control, **kwargs):
+        self._mark("saved")  # before the evaluation (its callback comes after this one)
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._mark("train_end")
+        self.log_history = list(state.log_history)
+
+
+def job_row(overrides: list[str], warmup: int, run_dir: Path, epochs: int = 4) -> dict[str, Any]:
+    """One epoch of ``python -m phi4_pron.train <overrides>`` as the main job runs it (the test split evaluated
+    before training and after the epoch, the checkpoint saved, ``table3.md`` written), timed from the call to its
+    return, with its parts; and the same job's ``epochs``-epoch time projected from those parts."""
+    from phi4_pron.jobs.train import run_training
+
+    overrides = [*overrides, "optim.epochs=1", "eval.every_epoch=true", "eval.before_training=true"]
+    cfg = compose("train", overrides)
+    free_memory()
+    timer = JobTimer(warmup)
+    start = time.perf_counter()
+    run_training(cfg, run_dir=run_dir, callbacks=[timer])
+    sync()
+    end, m = time.perf_counter(), timer.marks
+    evals = [h["eval/seconds"] for h in timer.log_history if "eval/seconds" in h]
+    per_step = json.loads((run_dir / "training_config.json").read_text())["effective_batch_size"]
+    timed = timer.samples - warmup * per_step
+    rate = timed / (m["last_step"] - m["compiled"]) if timed > 0 else math.nan  # samples a second, after warmup
+    parts = {
+        "load_s": m["train_begin"] - start - evals[0],
+        "eval_first_s": evals[0],  # decoding compiled here
+        "compile_steps_s": m["compiled"] - m["train_begin"],
+        "steps_s": m["last_step"] - m["compiled"],
+        "save_s": m["saved"] - m["last_step"],
+        "eval_s": evals[-1],
+        "final_s": end - m["train_end"],  # final_model/, table3.md, memory released
+    }
+    epoch_s = timer.samples / rate
+    projected = (
+        parts["load_s"]
+        + parts["eval_first_s"]
+        + parts["compile_steps_s"]
+        + parts["steps_s"]
+        + (epochs - 1) * epoch_s
+        + epochs * (parts["save_s"] + parts["eval_s"])
+        + parts["final_s"]
+    )
+    return {
+        "command": command("train", overrides),
+        "total_s": end - start,
+        **parts,
+        "epoch_s": epoch_s,
+        f"projected_{epochs}_epochs_s": projected,
+        "steps_peak_gib": timer.steps_peak_gib,
+        "eval_peak_gib": peak_gib(),  # the evaluation inside training, the Trainer's memory held
+        "table3": (run_dir / "table3.md").exists(),
+        "run_dir": str(run_dir),
+    }

@@ -1,4 +1,5 @@
-"""``python -m phi4_pron.evaluate``: one checkpoint of a run on the test split, or saved predictions re-scored."""
+"""The job behind ``python -m phi4_pron.evaluate``: one checkpoint of a run on the test split, or saved predictions
+re-scored (no model)."""
 
 from __future__ import annotations
 
@@ -9,13 +10,15 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from phi4_pron.answer import Question, questions_from_config
+from phi4_pron.answer import Question, questions_from_config, task_info
 from phi4_pron.config import DataConfig, HardwareConfig, LoggerConfig
 from phi4_pron.data import load_split
-from phi4_pron.inference import compile_prompt_blocks, load_adapter_for_inference
+from phi4_pron.fast.generation import fast_generation
+from phi4_pron.inference import load_adapter_for_inference, saved_task
 from phi4_pron.modeling import ModelPathError
-from phi4_pron.predictions import HEADLINE, evaluate_model, read_predictions, reparse, score, task_info, write_results
+from phi4_pron.predictions import HEADLINE, evaluate_model, read_predictions, reparse, score, write_results
 from phi4_pron.report import write_table3
+from phi4_pron.run_folder import RUN_RECORD
 from phi4_pron.tracking import finish_wandb, log_plots, start_wandb
 
 log = logging.getLogger(__name__)
@@ -23,9 +26,9 @@ log = logging.getLogger(__name__)
 
 def training_config(run_dir: Path) -> DictConfig:
     """The resolved config a run was trained with."""
-    file = run_dir / "training_config.json"
+    file = run_dir / RUN_RECORD
     if not file.exists():
-        raise ModelPathError(f"{run_dir} has no training_config.json: is run_dir a phi4_pron training run folder?")
+        raise ModelPathError(f"{run_dir} has no {RUN_RECORD}: is run_dir a phi4_pron training run folder?")
     return OmegaConf.create(json.loads(file.read_text())["config"])
 
 
@@ -62,16 +65,8 @@ def rescoring_questions(cfg: DictConfig, predictions: Path) -> tuple[dict[str, Q
 
 
 def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
-    out_dir = Path(cfg.out_dir)
     if cfg.predictions:
-        predictions = Path(cfg.predictions)
-        questions, info = rescoring_questions(cfg, predictions)
-        records = reparse(read_predictions(predictions), questions)
-        metrics = score(records)
-        write_results(out_dir, records, metrics, info={**info, "rescored_from": str(predictions)})
-        print(json.dumps({k: metrics[k] for k in HEADLINE}, indent=2))
-        log.info("re-scored results in %s (the originals beside %s are unchanged)", out_dir, predictions)
-        return metrics
+        return _rescore(cfg, Path(cfg.predictions), Path(cfg.out_dir))
     if not cfg.run_dir:
         raise ValueError("give run_dir=<training run folder> (or predictions=<predictions.jsonl> to re-score).")
     run_dir = Path(cfg.run_dir)
@@ -83,42 +78,50 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
     data = settings(cfg.data, trained.data, DataConfig)
     hardware = settings(cfg.hardware, trained.hardware, HardwareConfig)
     run_cfg = OmegaConf.merge(trained, {"logger": settings(cfg.logger, trained.logger, LoggerConfig)})
+    task = cfg.task if cfg.task is not None else saved_task(ckpt)  # the questions, worked out once
+    questions = questions_from_config(task)
 
-    model, tokenizer, feature_extractor, questions = load_adapter_for_inference(
+    model, tokenizer, feature_extractor = load_adapter_for_inference(
         ckpt,
         dtype=trained.model.dtype,
         attn_implementation=hardware.attn_implementation,
         device="cpu" if hardware.num_gpus == 0 else None,
     )
     compiled = hardware.compile if cfg.eval.compile is None else cfg.eval.compile
-    if compiled and model.device.type == "cuda":
-        log.info("prompt blocks compiled: %d modules", compile_prompt_blocks(model))
-    task_cfg = cfg.task or trained.task
-    if cfg.task is not None:
-        questions = questions_from_config(cfg.task)
     dataset = load_split(data.path, data.eval_split, data.revision, cfg.eval.limit)
     wandb_run = start_wandb(run_cfg, run_dir, job_type="eval", name=f"{trained.run_name}/{cfg.checkpoint}")
-    metrics, plots = evaluate_model(
-        model,
-        tokenizer,
-        feature_extractor,
-        questions,
-        dataset,
-        out_dir,
-        batch_size=cfg.eval.batch_size or hardware.per_device_eval_batch_size,
-        max_new_tokens=cfg.eval.max_new_tokens,
-        info={
-            "checkpoint": cfg.checkpoint,
-            "data": data.path,
-            "split": data.eval_split,
-            **task_info(task_cfg, bool(trained.get("train_audio_encoder", False))),
-        },
-        num_workers=hardware.dataloader_num_workers,
-        compiled=compiled,
-    )
+    with fast_generation(model, compile_prompts=compiled and model.device.type == "cuda"):
+        metrics, plots = evaluate_model(
+            model,
+            tokenizer,
+            feature_extractor,
+            questions,
+            dataset,
+            Path(cfg.out_dir),
+            batch_size=cfg.eval.batch_size or hardware.per_device_eval_batch_size,
+            max_new_tokens=cfg.eval.max_new_tokens,
+            info={
+                "checkpoint": cfg.checkpoint,
+                "data": data.path,
+                "split": data.eval_split,
+                **task_info(task, bool(trained.get("train_audio_encoder", False))),
+            },
+            num_workers=hardware.dataloader_num_workers,
+            compiled=compiled,
+        )
     if wandb_run is not None:
         wandb_run.log({f"eval/{k}": metrics[k] for k in HEADLINE})
         log_plots(plots, step=0)
     finish_wandb(wandb_run, {f"eval/{k}": metrics[k] for k in HEADLINE})
     print(write_table3(run_dir), end="")
+    return metrics
+
+
+def _rescore(cfg: DictConfig, predictions: Path, out_dir: Path) -> dict[str, Any]:
+    questions, info = rescoring_questions(cfg, predictions)
+    records = reparse(read_predictions(predictions), questions)
+    metrics = score(records)
+    write_results(out_dir, records, metrics, info={**info, "rescored_from": str(predictions)})
+    print(json.dumps({k: metrics[k] for k in HEADLINE}, indent=2))
+    log.info("re-scored results in %s (the originals beside %s are unchanged)", out_dir, predictions)
     return metrics

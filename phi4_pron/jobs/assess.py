@@ -1,4 +1,5 @@
-"""Score learners' recordings with a trained adapter: the parsed JSON assessment per recording."""
+"""The job behind ``python -m phi4_pron.assess``: learners' recordings scored with a trained adapter, the parsed JSON
+assessment per recording."""
 
 from __future__ import annotations
 
@@ -11,7 +12,14 @@ from omegaconf import DictConfig
 
 from phi4_pron.answer import join_answers
 from phi4_pron.data import DataError, check_audio_file
-from phi4_pron.inference import batches, generate_answers, load_adapter_for_inference
+from phi4_pron.fast.generation import fast_generation
+from phi4_pron.inference import (
+    adapter_config,
+    batches,
+    generate_answers,
+    load_adapter_for_inference,
+    saved_questions,
+)
 
 
 def requests(cfg: DictConfig) -> list[dict[str, Any]]:
@@ -49,7 +57,9 @@ def run_assessment(cfg: DictConfig) -> list[dict[str, Any]]:
     flushed) as soon as its recording is done, so an interruption loses nothing finished. A recording whose
     generation fails is reported with its error and counted; the others go on."""
     rows = requests(cfg)
-    model, tokenizer, feature_extractor, questions = load_adapter_for_inference(cfg.model_path)
+    adapter_config(Path(cfg.model_path))  # a folder without an adapter is named before the questions are read
+    questions = saved_questions(cfg.model_path)
+    model, tokenizer, feature_extractor = load_adapter_for_inference(cfg.model_path)
 
     def answer(rows: list[dict[str, Any]]) -> list[str | Exception]:
         """The batch's answers, or row by row where the batch fails (so only the failing recording fails)."""
@@ -62,7 +72,8 @@ def run_assessment(cfg: DictConfig) -> list[dict[str, Any]]:
     results, failed = [], 0
     try:
         for batch in batches(rows, cfg.batch_size):
-            answers = {q: answer([{**row, "question": q} for row in batch]) for q in questions}
+            with fast_generation(model):
+                answers = {q: answer([{**row, "question": q} for row in batch]) for q in questions}
             for i, row in enumerate(batch):
                 raw, parsed, error = join_answers({q: answers[q][i] for q in questions}, questions)
                 result = {"audio": row["audio"], "text": row["text"], "assessment": parsed, "raw": raw, "error": error}

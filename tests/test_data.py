@@ -1,10 +1,13 @@
-"""Bad input gets a clear error naming the file or field and what to do."""
+"""phi4_pron.data: every corpus layout reads alike, and bad input gets a clear error naming the file or field and
+what to do, before any model loads."""
 
 from __future__ import annotations
 
 import json
 import shutil
+import wave
 
+import numpy as np
 import pytest
 from conftest import MINI, run_cli
 
@@ -69,21 +72,6 @@ def test_save_to_disk_folder_loads(tmp_path):
     DatasetDict({"test": ds}).save_to_disk(str(tmp_path / "saved"))
     again = load_split(str(tmp_path / "saved"), "test")
     assert again["id"] == ds["id"] and again[0]["words"] == ds[0]["words"]
-
-
-def test_model_path_that_does_not_exist(tmp_path):
-    from omegaconf import OmegaConf
-
-    from phi4_pron.modeling import ModelPathError, resolve_model_path
-
-    cfg = OmegaConf.create({"name_or_path": str(tmp_path / "no-model"), "build_tiny": False})
-    with pytest.raises(ModelPathError, match="no-model.* does not exist"):
-        resolve_model_path(cfg)
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(ModelPathError, match="has no config.json"):
-        resolve_model_path(OmegaConf.create({"name_or_path": str(tmp_path / "empty"), "build_tiny": False}))
-    hub = OmegaConf.create({"name_or_path": "microsoft/Phi-4-multimodal-instruct", "build_tiny": False})
-    assert resolve_model_path(hub) == "microsoft/Phi-4-multimodal-instruct"
 
 
 def test_lengths_are_durations():
@@ -177,3 +165,64 @@ def test_hub_out_of_reach_names_the_download(tmp_path):
     assert model.returncode != 0 and "ModelPathError" in model.stderr
     assert "hf download microsoft/Phi-4-multimodal-instruct --revision refs/pr/70" in model.stderr
     assert "Loading weights" not in model.stderr
+
+
+def _wav(path, seconds: float) -> None:
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16_000)
+        w.writeframes((np.random.default_rng(0).standard_normal(int(seconds * 16_000)) * 3000).astype("<i2").tobytes())
+
+
+def _utts(root, n=8):
+    return [line.split()[0] for line in (root / "train" / "wav.scp").read_text().splitlines()[:n]]
+
+
+def _wav_of(root, utt):
+    scp = dict(line.split(maxsplit=1) for line in (root / "train" / "wav.scp").read_text().splitlines())
+    return root / scp[utt]
+
+
+def test_bad_audio_and_annotations_are_all_listed_before_training(corpus):
+    from phi4_pron.data import DataError, checked, load_split
+
+    utts = _utts(corpus)
+    scores_file = corpus / "resource" / "scores.json"
+    scores = json.loads(scores_file.read_text())
+    _wav(_wav_of(corpus, utts[0]), 28 / 16_000)  # 28 samples: below the feature extractor's 400
+    _wav(_wav_of(corpus, utts[1]), 41.0)  # past the audio encoder's 40 s window
+    scores[utts[2]]["accuracy"] = 99
+    scores[utts[3]]["total"] = float("nan")
+    scores[utts[4]]["words"][0]["mispronunciations"] = [{"canonical-phone": "X", "index": 9, "pronounced-phone": "Y"}]
+    scores_file.write_text(json.dumps(scores))
+    ds = load_split(str(corpus), "train")
+    with pytest.raises(DataError) as e:
+        checked(ds, min_seconds=0.025, max_seconds=40.0, skip=False)
+    text = str(e.value)
+    assert "5 problems in 5 of" in text
+    for utt, what in [
+        (utts[0], "below data.min_seconds"),
+        (utts[1], "above data.max_seconds"),
+        (utts[2], "accuracy=99.0 is not a score"),
+        (utts[3], "total=nan"),
+        (utts[4], "mispronunciation index 9 is outside"),
+    ]:
+        assert any(utt in line and what in line for line in text.splitlines()), (utt, what)
+    kept, problems = checked(ds, min_seconds=0.025, max_seconds=40.0, skip=True)
+    assert len(kept) == len(ds) - 5 and len(problems) == 5 and "seconds" in kept.column_names
+
+
+def test_an_unreadable_score_names_its_utterance_and_field(corpus):
+    from phi4_pron.data import DataError, load_split
+
+    utts = _utts(corpus)
+    scores_file = corpus / "resource" / "scores.json"
+    scores = json.loads(scores_file.read_text())
+    scores[utts[0]]["fluency"] = "ten"
+    scores[utts[1]]["words"][0]["accuracy"] = "high"
+    scores_file.write_text(json.dumps(scores))
+    with pytest.raises(DataError) as e:
+        load_split(str(corpus), "train")
+    assert f"utterance {utts[0]}: fluency='ten' is not a number" in str(e.value)
+    assert f"utterance {utts[1]}: word " in str(e.value) and "accuracy='high'" in str(e.value)

@@ -1,0 +1,25 @@
+"""``python -m phi4_pron.report``: each evaluated checkpoint beside the paper's row."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+
+def test_report_puts_each_evaluated_checkpoint_next_to_the_papers_row(tmp_path, capsys):
+    from phi4_pron.report import main
+
+    with pytest.raises(SystemExit):  # nothing evaluated yet: say so, write no empty table
+        main([str(tmp_path)])
+    assert "no evaluated checkpoint" in capsys.readouterr().err and not (tmp_path / "table3.md").exists()
+    out = tmp_path / "paper_r64" / "eval" / "checkpoint-epoch-3"
+    out.mkdir(parents=True)
+    metrics = {"epoch": 3, "task": "paper", "comparable_with_paper": True, "n_utterances": 2500, "pcc_total": 0.7}
+    (out / "metrics.json").write_text(json.dumps(metrics))
+    main([str(tmp_path)])
+    lines = capsys.readouterr().out.splitlines()
+    ours = "| paper_r64 | checkpoint-epoch-3 | paper | LoRA | 3 | 2500 | 0 | n/a | n/a | n/a | 0.700"
+    assert lines[2].startswith(ours)
+    assert lines[3].startswith("| paper (Ahn & Nam) | | paper | LoRA | 3 | 2500 | | 0.656 | 0.727 | 0.711 | 0.675")
+    assert (tmp_path / "table3.md").read_text().splitlines() == lines
