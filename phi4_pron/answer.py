@@ -222,10 +222,13 @@ def _single_to_double_quotes(text: str) -> str:
 
 
 def _clean(obj: dict[str, Any]) -> dict[str, Any]:
-    """Scores as floats clipped to 0-10 (a non-number, NaN or infinity dropped), texts as strings, lists as lists."""
+    """Scores as floats clipped to 0-10 (a non-number, boolean, NaN or infinity dropped), texts as strings, lists as
+    lists."""
     out: dict[str, Any] = {}
     for k, v in obj.items():
         if k in SCORE_KEYS:
+            if isinstance(v, bool):  # JSON true/false: not a score (float(True) would be 1.0)
+                continue
             try:
                 score = float(v)
             except (TypeError, ValueError):

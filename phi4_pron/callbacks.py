@@ -15,7 +15,8 @@ from transformers import TrainerCallback
 
 from phi4_pron.answer import TASK_FILE
 from phi4_pron.dist import barrier
-from phi4_pron.results import write_json_atomic
+from phi4_pron.results import write_json_atomic, write_text_atomic
+from phi4_pron.run_folder import RUN_STAMP
 
 log = logging.getLogger(__name__)
 
@@ -30,11 +31,12 @@ class EpochCheckpointCallback(TrainerCallback):
 
     The folder keeps everything the Trainer wrote (adapter, optimizer, scheduler, RNG states,
     ``trainer_state.json``), so ``Trainer.train(resume_from_checkpoint=...)`` continues from it, and gets the task's
-    ``task.json`` so that evaluate and assess ask the questions it was trained on.
+    ``task.json`` so that evaluate and assess ask the questions it was trained on, and the run's id (``run_id``): a
+    resume takes only checkpoints of its own run.
     """
 
-    def __init__(self, task: dict | None = None):
-        self.task = task
+    def __init__(self, task: dict | None = None, run_id: str | None = None):
+        self.task, self.run_id = task, run_id
 
     def on_save(self, args, state, control, **kwargs):
         barrier()  # every rank has written its part (its RNG state) before the folder moves
@@ -46,6 +48,8 @@ class EpochCheckpointCallback(TrainerCallback):
         dst = Path(args.output_dir) / f"checkpoint-epoch-{saved_epoch(state)}"
         if self.task is not None:
             write_json_atomic(src / TASK_FILE, self.task)
+        if self.run_id is not None:
+            write_text_atomic(src / RUN_STAMP, self.run_id + "\n")
         old = dst.with_name(dst.name + ".old")
         if dst.exists():  # a resumed run re-saving the same epoch: a whole folder under the name at every moment
             shutil.rmtree(old, ignore_errors=True)

@@ -239,6 +239,55 @@ class AssessConfig:
     max_new_tokens: int = 256
 
 
+def _at_least(n: float):
+    return (lambda v: v >= n, f"must be {n} or above")
+
+
+def _above(n: float):
+    return (lambda v: v > n, f"must be above {n}")
+
+
+def _one_of(*options: str):
+    return (lambda v: str(v).lower() in options, f"must be one of {', '.join(options)}")
+
+
+DTYPES = ("bfloat16", "float16", "float32")
+RESUME_MODES = ("auto", "true", "false", "force", "yes", "no", "1", "0")
+# Every numeric and enumerated setting's range (a key absent from a command's schema, or None, is not checked). The
+# optimizer and scheduler names are checked by TrainingArguments, before the model loads.
+RULES = {
+    "model.dtype": _one_of(*DTYPES),
+    "model.max_length": _at_least(1),
+    "lora.r": _at_least(1),
+    "lora.alpha": _above(0),
+    "lora.dropout": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    "lora.vision.r": _at_least(1),
+    "lora.vision.alpha": _above(0),
+    "optim.lr": _above(0),
+    "optim.epochs": _above(0),
+    "optim.effective_batch_size": _at_least(1),
+    "optim.weight_decay": _at_least(0),
+    "optim.warmup_ratio": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    "optim.max_grad_norm": _at_least(0),
+    "optim.max_steps": (lambda v: v == -1 or v >= 1, "must be -1 (no limit) or 1 or above"),
+    "data.max_train_samples": _at_least(1),
+    "hardware.num_gpus": _at_least(0),
+    "hardware.per_device_train_batch_size": _at_least(1),
+    "hardware.per_device_eval_batch_size": _at_least(1),
+    "hardware.audio_layers_kept": _at_least(0),
+    "hardware.dataloader_num_workers": _at_least(0),
+    "logger.logging_steps": _at_least(1),
+    "logger.wandb.mode": _one_of("online", "offline", "disabled"),
+    "eval.limit": _at_least(1),
+    "eval.max_new_tokens": _at_least(1),
+    "eval.batch_size": _at_least(1),
+    "resume": _one_of(*RESUME_MODES),
+    "seed": _at_least(0),
+    "batch_size": _at_least(1),  # assess
+    "max_new_tokens": _at_least(1),  # assess
+}
+
+
 class SettingError(ValueError):
     """A setting no run can use; the message names the key and what to do."""
 
@@ -256,21 +305,15 @@ def check_settings(cfg, schema: type) -> None:
             f"{e.full_key or e.key} is not a setting ({e.msg.splitlines()[0]}). Check its spelling: "
             "python -m phi4_pron.train --cfg job lists every setting."
         ) from None
-    problems = []
-    optim = cfg.get("optim")
-    if optim is not None:
-        for key in ("lr", "epochs", "effective_batch_size"):
-            if not optim[key] > 0:
-                problems.append(f"optim.{key}={optim[key]} must be above 0")
-        if not 0 <= optim.warmup_ratio < 1:
-            problems.append(f"optim.warmup_ratio={optim.warmup_ratio} must be in [0, 1)")
-    hardware = cfg.get("hardware")
-    if hardware is not None and (hardware.audio_layers_kept or 0) < 0:
-        problems.append(f"hardware.audio_layers_kept={hardware.audio_layers_kept} must be 0 or above")
+    problems = [
+        f"{key}={value!r} {what}"
+        for key, (ok, what) in RULES.items()
+        if (value := OmegaConf.select(cfg, key, default=None)) is not None and not ok(value)
+    ]
     data = cfg.get("data")
     if (
         data is not None
-        and None not in (data.min_seconds, data.max_seconds)
+        and None not in (data.get("min_seconds"), data.get("max_seconds"))
         and not 0 < data.min_seconds < data.max_seconds
     ):
         problems.append(

@@ -33,8 +33,12 @@ class DataError(ValueError):
     """Bad or missing corpus input; the message names the file and what to do."""
 
 
-def load_split(path: str, split: str, revision: str | None = None, limit: int | None = None) -> Dataset:
-    """Load one split (``train`` or ``test``) from any supported source, ``limit`` rows at most."""
+def load_split(
+    path: str, split: str, revision: str | None = None, limit: int | None = None, problems: list[str] | None = None
+) -> Dataset:
+    """Load one split (``train`` or ``test``) from any supported source, ``limit`` rows at most. Utterances of a
+    corpus release that cannot be read (a missing file, a score that is not a number) stop the load, all named; or,
+    given a ``problems`` list, are left out and named in it."""
     local = Path(path).expanduser()
     if local.is_dir():
         if (local / "dataset_dict.json").exists() or (local / "state.json").exists():
@@ -42,7 +46,7 @@ def load_split(path: str, split: str, revision: str | None = None, limit: int | 
         elif any(local.glob("data/*.parquet")):  # the hub dataset, downloaded
             ds = _from_hub(str(local), split, None)
         else:
-            ds = _from_kaldi(local, split)
+            ds = _from_kaldi(local, split, problems)
     elif local.exists() or path.startswith((".", "/", "~")) or path.count("/") != 1:
         raise DataError(
             f"data.path={path!r} is neither a corpus folder nor a Hugging Face dataset id. Point it at the "
@@ -133,7 +137,7 @@ def _number(value: Any, field: str) -> float:
         raise ValueError(f"{field}={value!r} is not a number") from None
 
 
-def _from_kaldi(root: Path, split: str) -> Dataset:
+def _from_kaldi(root: Path, split: str, skipped: list[str] | None = None) -> Dataset:
     scores_file = find_scores_json(root)
     try:
         scores: dict[str, Any] = json.loads(scores_file.read_text())
@@ -171,7 +175,9 @@ def _from_kaldi(root: Path, split: str) -> Dataset:
             continue
         for c in COLUMNS:
             rows[c].append(row[c])
-    if problems:
+    if problems and skipped is not None:
+        skipped += problems
+    elif problems:
         raise DataError(
             f"{len(problems)} utterances of {root} ({split}) cannot be read; each needs an audio file, text, accuracy, "
             "completeness, fluency, prosodic, total and words:\n  "
@@ -221,7 +227,11 @@ def decode_audio(audio: Any, utt_id: str = "?"):
     """
     if isinstance(audio, (np.ndarray, list)):
         return np.asarray(audio, dtype=np.float32)
-    if (samples := _wav_samples(audio)) is not None:
+    try:
+        samples = _wav_samples(audio)
+    except TruncatedWav as e:
+        raise DataError(f"cannot decode the audio of utterance {utt_id}: {e}") from None
+    if samples is not None:
         return samples
     try:
         return _decoder(audio).get_all_samples().data[0].numpy()
@@ -244,9 +254,16 @@ def _wav_source(audio: Any) -> tuple[Any, int | None] | None:
     return None
 
 
-def _wav_seconds(audio: Any) -> float | None:
-    """A PCM WAV's duration from its RIFF header (Python's ``wave``, microseconds, where FFmpeg's probe takes
-    milliseconds: a split's thousands of headers are read before training and evaluation); None for anything else."""
+STREAMED = 0xFFFF0000  # a data size at least this large (or 0) is a streamed WAV's "unknown": FFmpeg reads to the end
+
+
+class TruncatedWav(DataError):
+    """A WAV holds fewer bytes than its header promises (a copy cut short): neither split uses it silently."""
+
+
+def _wav_header(audio: Any) -> tuple[Any, int, int, int, int] | None:
+    """(wave reader, frames, sample rate, channels, sample width) of a PCM WAV whose header gives a size, or None for
+    anything else (left to FFmpeg). Raises :class:`TruncatedWav` where the file is shorter than its header says."""
     import wave
 
     if (found := _wav_source(audio)) is None:
@@ -254,31 +271,50 @@ def _wav_seconds(audio: Any) -> float | None:
     source, size = found
     try:
         size = size if size is not None else Path(source).stat().st_size
-        with wave.open(source) as w:
-            frames = w.getnframes()
-            # a streamed WAV's header may give no size (0) or a wrong one: left to FFmpeg
-            return frames / w.getframerate() if 0 < frames * w.getsampwidth() * w.getnchannels() <= size else None
-    except (wave.Error, EOFError, OSError, ZeroDivisionError):
+        w = wave.open(source)
+    except (wave.Error, EOFError, OSError):
         return None  # not plain PCM, or broken: FFmpeg reads it, or names the problem
+    frames, rate, channels, width = w.getnframes(), w.getframerate(), w.getnchannels(), w.getsampwidth()
+    promised = frames * channels * width
+    if not 0 < promised < STREAMED or not rate:
+        w.close()
+        return None
+    if promised > size:
+        w.close()
+        raise TruncatedWav(
+            f"{_audio_name(audio)} is cut short: its header promises {frames / rate:.2f} s ({promised} bytes of "
+            f"samples), the file holds {size} bytes in all. Restore the file, or remove the utterance."
+        )
+    return w, frames, rate, channels, width
+
+
+def _wav_seconds(audio: Any) -> float | None:
+    """A PCM WAV's duration from its RIFF header (Python's ``wave``, microseconds, where FFmpeg's probe takes
+    milliseconds: a split's thousands of headers are read before training and evaluation); None for anything else."""
+    if (header := _wav_header(audio)) is None:
+        return None
+    w, frames, rate, *_ = header
+    w.close()
+    return frames / rate
 
 
 def _wav_samples(audio: Any) -> np.ndarray | None:
     """A 16 kHz mono 16-bit PCM WAV's samples (speechocean762's format) read by Python's ``wave``: the float32 values
-    torchcodec decodes, bit for bit, in a small fraction of its time. None
-    for anything else, or a header that does not match its data: torchcodec decodes it (resampling, mixing down)."""
+    torchcodec decodes, bit for bit, in a small fraction of its time. None for anything else (torchcodec decodes it:
+    resampling, mixing down)."""
     import wave
 
-    if (found := _wav_source(audio)) is None:
+    if (header := _wav_header(audio)) is None:
         return None
+    w, frames, *layout = header
     try:
-        with wave.open(found[0]) as w:
-            if (w.getframerate(), w.getnchannels(), w.getsampwidth()) != (SAMPLING_RATE, 1, 2):
+        with w:
+            if tuple(layout) != (SAMPLING_RATE, 1, 2):
                 return None
-            frames = w.getnframes()
             data = w.readframes(frames)
     except (wave.Error, EOFError, OSError):
         return None
-    if not data or len(data) != 2 * frames:  # truncated, or streamed with a wrong size: left to FFmpeg
+    if len(data) != 2 * frames:  # a header that does not match its data chunk: left to FFmpeg
         return None
     return np.frombuffer(data, "<i2").astype(np.float32) / 32768
 
@@ -290,7 +326,11 @@ def check_audio_file(audio: Any, utt_id: str = "?") -> float:
     """
     if isinstance(audio, (np.ndarray, list)):
         return len(audio) / SAMPLING_RATE
-    if (seconds := _wav_seconds(audio)) is not None:
+    try:
+        seconds = _wav_seconds(audio)
+    except TruncatedWav as e:
+        raise DataError(f"cannot read the audio of utterance {utt_id}: {e}") from None
+    if seconds is not None:
         return seconds
     try:
         meta = _decoder(audio).metadata
@@ -327,15 +367,19 @@ def annotation_problems(row: dict[str, Any]) -> list[str]:
     return problems
 
 
-def checked(ds: Dataset, min_seconds: float, max_seconds: float, skip: bool) -> tuple[Dataset, list[str]]:
+def checked(
+    ds: Dataset, min_seconds: float, max_seconds: float, skip: bool, audio_fatal: bool = True
+) -> tuple[Dataset, list[str]]:
     """Every utterance's audio (readable, ``min_seconds``-``max_seconds`` long) and annotation checked before any
     model loads; adds the ``seconds`` column. Problems stop the run, all of them listed, each naming the utterance,
-    file and field; with ``skip`` the bad utterances are left out instead. Returns (dataset, problems)."""
-    problems, keep, seconds = [], [], []
+    file and field; with ``skip`` the bad utterances are left out instead. Without ``audio_fatal`` a recording's
+    problem is listed but the recording kept (its decoding fails later, counted). Returns (dataset, problems)."""
+    problems, keep, seconds, audio_problems = [], [], [], []
     rows = ds.remove_columns("audio").to_list()
     for i, (row, audio) in enumerate(zip(rows, ds["audio"], strict=True)):
         where = f"utterance {row['id']} ({_audio_name(audio)})"
-        found = [f"{where}: {p}" for p in annotation_problems(row)]
+        annotation = annotation_problems(row)
+        found = [f"{where}: {p}" for p in annotation]
         try:
             duration = check_audio_file(audio, row["id"])
         except DataError as e:
@@ -352,6 +396,9 @@ def checked(ds: Dataset, min_seconds: float, max_seconds: float, skip: bool) -> 
                     f"{where}: {duration:.1f} s of audio, above data.max_seconds={max_seconds}: split the "
                     "recording, or raise data.max_seconds (the audio encoder attends within 40 s)"
                 )
+        if not audio_fatal and found and not annotation:
+            audio_problems += found
+            found = []
         problems += found
         if not found:
             keep.append(i)
@@ -363,7 +410,18 @@ def checked(ds: Dataset, min_seconds: float, max_seconds: float, skip: bool) -> 
         )
     if len(keep) < len(ds):
         ds = ds.select(keep)
-    return ds.add_column("seconds", seconds), problems
+    return ds.add_column("seconds", seconds), problems + audio_problems
+
+
+def load_checked(data: Any, split: str, limit: int | None = None, audio: bool = True) -> tuple[Dataset, list[str]]:
+    """One split of ``data`` (the ``data`` settings) with every utterance checked before any model loads
+    (:func:`checked`); ``data.on_bad=skip`` leaves the bad ones out, returned as problems. Without ``audio`` the
+    recordings' problems are returned but the recordings kept (evaluation counts each as a failed utterance)."""
+    skip = getattr(data.on_bad, "value", data.on_bad) == "skip"
+    problems: list[str] = []
+    ds = load_split(data.path, split, data.revision, limit, problems if skip else None)
+    ds, found = checked(ds, data.min_seconds, data.max_seconds, skip, audio_fatal=audio)
+    return ds, problems + found
 
 
 def with_lengths(

@@ -35,7 +35,7 @@ from phi4_pron.fast.generation import static_cache_len
 from phi4_pron.inference import generate_answers, generate_from_batch, generation_collator
 from phi4_pron.metrics import detected_mispronunciations, mdd_scores, pcc, per, wer
 from phi4_pron.paper import HEADLINE
-from phi4_pron.results import write_json_atomic, write_text_atomic
+from phi4_pron.results import json_line, write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -239,7 +239,7 @@ def write_results(
 ) -> dict[str, Path]:
     """``predictions.jsonl``, ``metrics.json`` and the scatter plots, each written atomically."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out_dir / "predictions.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    write_text_atomic(out_dir / "predictions.jsonl", "".join(map(json_line, records)))
     write_json_atomic(out_dir / "metrics.json", {**(info or {}), **metrics})
     return scatter_plots(records, out_dir)
 
@@ -300,4 +300,21 @@ def read_predictions(path: Path) -> list[dict[str, Any]]:
             f"{path}: lines {missing[:5]} lack 'raw' or 'reference'; give a predictions.jsonl "
             "written by phi4_pron.evaluate."
         )
+    problems = _record_problems(records)
+    if problems:
+        raise ValueError(f"{path}: {len(problems)} problems, none scored: " + "; ".join(problems[:10]) + ".")
     return records
+
+
+def _record_problems(records: list[dict[str, Any]]) -> list[str]:
+    """Duplicated utterance ids (each would be scored twice) and human scores that are not numbers in 0-10."""
+    lines: dict[Any, list[int]] = {}
+    for n, r in enumerate(records, 1):
+        lines.setdefault(r.get("id"), []).append(n)
+    problems = [f"utterance {u} is on lines {ns}" for u, ns in lines.items() if len(ns) > 1]
+    for n, r in enumerate(records, 1):
+        for k in SCORE_KEYS:
+            v = r["reference"].get(k)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 10:  # NaN fails the range
+                problems.append(f"line {n} (utterance {r.get('id')}): reference {k}={v!r} is not a score in 0-10")
+    return problems

@@ -15,21 +15,35 @@ import argparse
 import csv
 import io
 import json
+import logging
 import math
 import re
+import sys
 from pathlib import Path
 
 from phi4_pron.paper import HEADERS, METRIC_COLUMNS, paper_row, paper_setting
-from phi4_pron.results import write_text_atomic
+from phi4_pron.results import SET_ASIDE, write_text_atomic
 
+log = logging.getLogger(__name__)
 _EPOCH = re.compile(r"checkpoint-epoch-(\d+)")
 NOT_COMPARABLE = "WER/PER not comparable with the paper: the prompt contains the sentence"
 
 
-def collect(root: Path) -> list[dict]:
+def collect(root: Path, skipped: list[str] | None = None) -> list[dict]:
+    """A row per ``eval/<checkpoint>/metrics.json`` below ``root`` (not in a run set aside as ``previous-*``); a file
+    that cannot be read is left out, named in ``skipped`` (or a warning)."""
     rows = []
     for f in sorted(root.rglob("eval/*/metrics.json")):
-        m = json.loads(f.read_text())
+        if any(p.startswith(SET_ASIDE) for p in f.relative_to(root).parts):
+            continue
+        try:
+            m = json.loads(f.read_text())
+            if not isinstance(m, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as e:  # JSONDecodeError is a ValueError
+            problem = f"{f}: {e}: left out (evaluate its checkpoint again to rewrite it)"
+            (skipped.append if skipped is not None else log.warning)(problem)
+            continue
         run_dir = f.parent.parent.parent
         epoch = m.get("epoch")
         if epoch is None and (e := _EPOCH.search(f.parent.name)):
@@ -120,7 +134,11 @@ def main(argv: list[str] | None = None) -> None:
     folder = parser.parse_args(argv).folder
     if not folder.is_dir():
         parser.error(f"{folder} is not a folder")
-    if not (rows := collect(folder)):
+    skipped: list[str] = []
+    rows = collect(folder, skipped)
+    for problem in skipped:
+        print(f"warning: {problem}", file=sys.stderr)
+    if not rows:
         parser.error(
             f"{folder} holds no evaluated checkpoint (eval/<checkpoint>/metrics.json, in it or in the run folders "
             "below it): evaluate one first, python -m phi4_pron.evaluate run_dir=<run folder>"

@@ -12,6 +12,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+SET_ASIDE = "previous-"  # an older run's files, moved aside when a new run starts over in its folder
+
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
     path = Path(path)
@@ -27,6 +29,11 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def json_line(obj: Any) -> str:
+    """One strict-JSON line (NaN as null) of a ``.jsonl`` file."""
+    return json.dumps(_finite(obj), allow_nan=False) + "\n"
 
 
 def _finite(obj: Any) -> Any:
@@ -60,6 +67,30 @@ def atomic_folder(out_dir: str | Path) -> Iterator[Path]:
             if not out_dir.is_dir():
                 raise
             shutil.rmtree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@contextlib.contextmanager
+def replaced_folder(out_dir: str | Path) -> Iterator[Path]:
+    """Build a folder in a hidden temporary sibling (yielded), then put it in the place of ``out_dir``: at every
+    moment ``out_dir`` is the old folder or the new one, whole. A failure leaves the old one and nothing else; a
+    failure to write names ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    old = out_dir.with_name(f".{out_dir.name}.old")
+    try:
+        yield tmp
+        shutil.rmtree(old, ignore_errors=True)
+        if out_dir.exists():
+            os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OSError(e.errno, f"cannot write {out_dir} ({e.strerror or e}); nothing of it was changed") from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -110,3 +110,7 @@ def test_parse_is_tolerant():
     assert apa.parse('{"accuracy": NaN, "fluency": 5}') == {"fluency": 5.0}  # NaN is no score
     assert apa.parse("[1, 2]") is None
     assert PAPER["mdd"].parse('{"accuracy": 7}') == {}  # another question's keys are not this one's
+
+
+def test_a_boolean_is_not_a_score():
+    assert PAPER["apa"].parse('{"accuracy": 7, "total": true, "fluency": false}') == {"accuracy": 7.0}

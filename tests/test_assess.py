@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 from conftest import MINI, run_cli
@@ -72,3 +73,34 @@ def test_assess_refuses_a_folder_without_adapter(tmp_path):
     wav = next((MINI / "WAVE").rglob("*.WAV"))
     proc = run_cli(["-m", "phi4_pron.assess", f"model_path={tmp_path}", f"audio={wav}", "text=HELLO"], check=False)
     assert proc.returncode != 0 and "has no adapter_config.json" in proc.stderr
+
+
+@pytest.mark.slow
+def test_a_folder_keeps_its_good_recordings_and_reports_the_bad(run_dir, tmp_path):
+    """A 0-byte file and a 0.002 s one get one rule: reported as failed, the good recording assessed."""
+    import wave
+
+    wav = next((MINI / "WAVE").rglob("*.WAV"))
+    folder = tmp_path / "recordings"
+    folder.mkdir()
+    shutil.copy(wav, folder / "good.wav")
+    (folder / "empty.wav").write_bytes(b"")
+    with wave.open(str(folder / "short.wav"), "wb") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(16_000)
+        w.writeframes(b"\x00\x01" * 32)
+    (tmp_path / "texts.tsv").write_text("".join(f"{n}.wav\tWE CALL IT BEAR\n" for n in ("empty", "good", "short")))
+    proc = run_cli(
+        [
+            "-m",
+            "phi4_pron.assess",
+            f"model_path={run_dir / 'final_model'}",
+            f"audio_dir={folder}",
+            f"texts={tmp_path / 'texts.tsv'}",
+            f"out={tmp_path / 'scores.jsonl'}",
+            "max_new_tokens=8",
+        ]
+    )
+    results = {Path(r["audio"]).name: r for r in map(json.loads, (tmp_path / "scores.jsonl").read_text().splitlines())}
+    assert set(results) == {"empty.wav", "good.wav", "short.wav"} and results["good.wav"]["error"] is None
+    assert "empty.wav" in results["empty.wav"]["error"] and "below the 0.025 s" in results["short.wav"]["error"]
+    assert "wrote 3 assessments (2 failed)" in proc.stderr

@@ -133,3 +133,24 @@ def test_the_cli_refuses_an_added_key_before_loading(tmp_path):
     )
     assert proc.returncode != 0 and "optim.lrr is not a setting" in proc.stderr
     assert "Loading weights" not in proc.stderr  # (Hydra has made the run folder by then, nothing more)
+
+
+@pytest.mark.parametrize(
+    "override, named",
+    [
+        ("lora.r=0", "lora.r=0 must be 1 or above"),
+        ("lora.dropout=2.0", "lora.dropout=2.0 must be in [0, 1)"),
+        ("hardware.per_device_train_batch_size=0", "hardware.per_device_train_batch_size=0 must be 1 or above"),
+        ("model.dtype=float99", "model.dtype='float99' must be one of bfloat16"),
+        ("data.max_train_samples=0", "data.max_train_samples=0 must be 1 or above"),
+        ("eval.limit=-1", "eval.limit=-1 must be 1 or above"),
+        ("resume=sometimes", "resume='sometimes' must be one of auto"),
+        ("logger.wandb.mode=onlin", "logger.wandb.mode='onlin' must be one of online"),
+    ],
+)
+def test_every_numeric_and_enumerated_setting_is_checked(override, named):
+    from phi4_pron.config import SettingError, TrainConfig, check_settings
+
+    with pytest.raises(SettingError) as e:
+        check_settings(compose(["experiment=smoke", override]), TrainConfig)
+    assert named in str(e.value)

@@ -83,7 +83,7 @@ def test_lengths_are_durations():
 
 def test_pcm_wavs_read_directly_as_torchcodec_decodes_them(tmp_path):
     """16 kHz mono 16-bit WAVs (the corpus's) skip FFmpeg with the same samples, bit for bit; any other WAV, or one
-    whose header does not match its data, still goes to torchcodec (resampled, mixed down)."""
+    with another layout still goes to torchcodec (resampled, mixed down); one cut short is refused, named."""
     import wave
 
     import numpy as np
@@ -105,7 +105,8 @@ def test_pcm_wavs_read_directly_as_torchcodec_decodes_them(tmp_path):
         assert abs(len(decode_audio(str(tmp_path / name))) - 8000 * 16_000 / rate) <= 2  # torchcodec: 16 kHz mono
     cut = wavs[0].read_bytes()[:-100]  # the header names more frames than the file holds
     (tmp_path / "cut.wav").write_bytes(cut)
-    assert _wav_samples(str(tmp_path / "cut.wav")) is None
+    with pytest.raises(DataError, match="cut.wav is cut short: its header promises"):
+        _wav_samples(str(tmp_path / "cut.wav"))
     assert _wav_samples(str(tmp_path / "missing.wav")) is None and _wav_samples(str(tmp_path / "x.flac")) is None
 
 
@@ -226,3 +227,96 @@ def test_an_unreadable_score_names_its_utterance_and_field(corpus):
         load_split(str(corpus), "train")
     assert f"utterance {utts[0]}: fluency='ten' is not a number" in str(e.value)
     assert f"utterance {utts[1]}: word " in str(e.value) and "accuracy='high'" in str(e.value)
+
+
+def test_a_truncated_wav_is_named_in_either_split(corpus):
+    """A copy cut short (header 3.28 s, file 0.62 s) is a problem before training, and a failed recording in
+    evaluation: never decoded as the part that is there."""
+    from phi4_pron.data import checked
+
+    for split in ("train", "test"):
+        utt, rel = (corpus / split / "wav.scp").read_text().splitlines()[0].split()
+        wav = corpus / rel
+        wav.write_bytes(wav.read_bytes()[: wav.stat().st_size // 5])
+        ds = load_split(str(corpus), split, limit=3)
+        with pytest.raises(DataError, match=f"utterance {utt}.*is cut short: its header promises"):
+            checked(ds, min_seconds=0.025, max_seconds=40.0, skip=False)
+        with pytest.raises(DataError, match=f"cannot decode the audio of utterance {utt}.*cut short"):
+            decode_audio(ds[0]["audio"], utt)
+
+
+def _spoil_test_split(corpus):
+    """The evaluation split's annotations as the issue found them accepted: out of range, NaN, a bad index, a word
+    without phones, a missing recording."""
+    test = [line.split() for line in (corpus / "test" / "wav.scp").read_text().splitlines()]
+    scores_file = corpus / "resource" / "scores.json"
+    scores = json.loads(scores_file.read_text())
+    scores[test[0][0]]["fluency"] = 99
+    scores[test[1][0]]["total"] = float("nan")
+    bad_index = {"canonical-phone": "X", "index": 9, "pronounced-phone": "Y"}
+    scores[test[2][0]]["words"][0]["mispronunciations"] = [bad_index]
+    scores[test[3][0]]["words"][0]["phones"] = []
+    scores_file.write_text(json.dumps(scores))
+    (corpus / test[4][1]).unlink()
+    return [u for u, _ in test[:5]]
+
+
+def test_the_evaluation_split_is_checked_like_the_training_split(corpus):
+    from types import SimpleNamespace
+
+    from phi4_pron.data import load_checked
+
+    utts = _spoil_test_split(corpus)
+    data = SimpleNamespace(path=str(corpus), revision=None, on_bad="error", min_seconds=0.025, max_seconds=40.0)
+    with pytest.raises(DataError, match=f"utterance {utts[4]}: audio file .* does not exist"):
+        load_checked(data, "test", audio=False)
+    (corpus / "test" / "wav.scp").write_text("\n".join((corpus / "test" / "wav.scp").read_text().splitlines()[:4]))
+    with pytest.raises(DataError) as e:
+        load_checked(data, "test", audio=False)
+    whats = ["fluency=99.0 is not a score", "total=nan", "index 9 is outside", "has no phones"]
+    for utt, what in zip(utts[:4], whats, strict=True):
+        assert any(utt in line and what in line for line in str(e.value).splitlines()), (utt, what)
+    data.on_bad = "skip"
+    kept, problems = load_checked(data, "test", audio=False)
+    assert len(kept) == 0 and len(problems) == 4
+
+
+def test_on_bad_skip_leaves_out_a_missing_recording_and_an_unreadable_score(corpus):
+    from types import SimpleNamespace
+
+    from phi4_pron.data import load_checked
+
+    utts = _utts(corpus, 3)
+    _wav_of(corpus, utts[0]).unlink()
+    scores_file = corpus / "resource" / "scores.json"
+    scores = json.loads(scores_file.read_text())
+    scores[utts[1]]["fluency"] = "ten"
+    scores_file.write_text(json.dumps(scores))
+    data = SimpleNamespace(path=str(corpus), revision=None, on_bad="skip", min_seconds=0.025, max_seconds=40.0)
+    kept, problems = load_checked(data, "train")
+    assert len(kept) == 32 - 2 and set(kept["id"]).isdisjoint(utts[:2]) and utts[2] in kept["id"]
+    assert len(problems) == 2 and "does not exist" in problems[0] + problems[1] and "'ten'" in problems[0] + problems[1]
+
+
+@pytest.mark.slow  # subprocesses
+@pytest.mark.parametrize("entrypoint", ["train", "evaluate"])
+def test_a_spoilt_evaluation_split_stops_before_the_model_loads(corpus, smoke_runs, entrypoint):
+    utts = _spoil_test_split(corpus)
+    args = {
+        "train": [
+            "experiment=smoke",
+            "logger=none",
+            "optim.epochs=1",
+            "data.max_train_samples=4",
+            "eval.limit=6",
+            f"output_root={corpus.parent / 'out'}",
+        ],
+        "evaluate": [f"run_dir={smoke_runs('r64')}", "eval.limit=6", f"out_dir={corpus.parent / 'ev'}"],
+    }[entrypoint]
+    proc = run_cli(["-m", f"phi4_pron.{entrypoint}", *args, f"data.path={corpus}"], check=False, timeout=300)
+    assert proc.returncode != 0 and f"utterance {utts[4]}: audio file" in proc.stderr
+    assert "Loading weights" not in proc.stderr
+    proc = run_cli(
+        ["-m", f"phi4_pron.{entrypoint}", *args, f"data.path={corpus}", "data.eval_split=nosuch"], check=False
+    )
+    assert proc.returncode != 0 and "nosuch" in proc.stderr and "Loading weights" not in proc.stderr

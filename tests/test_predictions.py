@@ -173,3 +173,23 @@ def test_an_empty_predictions_file_is_refused(tmp_path):
     (tmp_path / "predictions.jsonl").write_text("\n")
     with pytest.raises(ValueError, match="holds no predictions"):
         read_predictions(tmp_path / "predictions.jsonl")
+
+
+def test_rescoring_names_duplicated_utterances_and_bad_references(tmp_path):
+    import json
+
+    from phi4_pron.predictions import read_predictions, write_results
+
+    records = [{**_record(None, (5, 5, 5, 5)), "id": u} for u in ("a", "b", "a")]
+    records[1]["reference"]["total"] = float("nan")
+    file = tmp_path / "predictions.jsonl"
+    write_results(tmp_path, records, {})
+    for line in file.read_text().splitlines():
+        json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))  # NaN written as null
+    with pytest.raises(ValueError) as e:
+        read_predictions(file)
+    assert "utterance a is on lines [1, 3]" in str(e.value)
+    assert "line 2 (utterance b): reference total=None is not a score" in str(e.value)
+    file.write_text(file.read_text().replace("null", "NaN"))  # as files written before were
+    with pytest.raises(ValueError, match="reference total=nan is not a score"):
+        read_predictions(file)

@@ -1,9 +1,10 @@
 """The job behind ``python -m phi4_pron.check``: a pre-flight with the real files, run once on a new machine.
 
-Loads tokenizer, feature extractor, model and speech adapter exactly as ``phi4_pron.train`` does
-(:func:`phi4_pron.jobs.train.load_model`), then runs one forward + backward pass on two bundled recordings (every
-question of the task) and one greedy answer per question, looks for the C++ compiler where the preset launches
-compiled layers from C++, and prints a checklist: what each step found, and what to do where one fails.
+Checks the corpus at ``data.path`` as training does (layout, every annotation and recording header of both splits),
+loads tokenizer, feature extractor, model and speech adapter exactly as ``phi4_pron.train`` does
+(:func:`phi4_pron.jobs.train.load_model`), then runs one forward + backward pass on two of the corpus's test
+recordings (every question of the task) and one greedy answer per question, looks for the C++ compiler where the
+preset launches compiled layers from C++, and prints a checklist: what each step found, and what to do where one fails.
 """
 
 from __future__ import annotations
@@ -40,8 +41,7 @@ def run_check(cfg: DictConfig) -> bool:
 
     from phi4_pron.answer import questions_from_config
     from phi4_pron.collator import PronunciationCollator
-    from phi4_pron.config import REPO_ROOT
-    from phi4_pron.data import expand_questions, load_split
+    from phi4_pron.data import expand_questions, load_checked
     from phi4_pron.fast.layers import cpp_compiler
     from phi4_pron.inference import generate_answers
     from phi4_pron.jobs.train import load_model, model_path
@@ -50,6 +50,15 @@ def run_check(cfg: DictConfig) -> bool:
     device = "cuda" if torch.cuda.is_available() and cfg.hardware.num_gpus > 0 else "cpu"
     state: dict[str, Any] = {}
     check = Checklist()
+
+    def data() -> str:
+        found = []
+        for split, limit in ((cfg.data.train_split, cfg.data.max_train_samples), (cfg.data.eval_split, cfg.eval.limit)):
+            ds, problems = load_checked(cfg.data, split, limit)  # data.on_bad=error: every problem raised, named
+            state["recordings"] = ds  # the evaluation split's, for the steps below
+            skipped = f", {len(problems)} left out (data.on_bad=skip)" if problems else ""
+            found.append(f"{split}: {len(ds)} utterances{skipped}")
+        return f"{cfg.data.path}: " + "; ".join(found)
 
     def layout() -> str:
         path = model_path(cfg.model)
@@ -69,7 +78,7 @@ def run_check(cfg: DictConfig) -> bool:
 
     def step() -> str:
         questions = questions_from_config(cfg.task)
-        rows = expand_questions(load_split(str(REPO_ROOT / "data" / "speechocean762-mini"), "test", limit=2), questions)
+        rows = expand_questions(state["recordings"].select(range(min(2, len(state["recordings"])))), questions)
         state["questions"], state["rows"] = questions, rows
         collator = PronunciationCollator(state["tok"], state["fe"], questions, max_length=cfg.model.max_length)
         batch = {k: v.to(device) for k, v in collator(list(rows)).items()}
@@ -100,6 +109,7 @@ def run_check(cfg: DictConfig) -> bool:
         f"phi4_pron.check: model={cfg.model.name_or_path} revision={cfg.model.revision} lora={cfg.lora.name} "
         f"task={cfg.task.name}"
     )
+    check.step("data", data, "fix or remove the utterances named (or data.on_bad=skip), or point data.path elsewhere")
     check.step("checkpoint layout", layout, "download the native files: " + download_hint())
     check.step(
         "tokenizer, feature extractor, model",
@@ -108,7 +118,7 @@ def run_check(cfg: DictConfig) -> bool:
     )
     check.step("speech adapter", adapter, "for lora=r320 the checkpoint needs speech-lora/ with all its tensors")
     check.step(
-        "forward + backward on 2 bundled recordings",
+        "forward + backward on 2 test recordings",
         step,
         "a bad loss or no gradient: report it with this output (python -m phi4_pron.check ...)",
     )

@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from phi4_pron.answer import Question, questions_from_config, task_info
 from phi4_pron.config import DataConfig, HardwareConfig, LoggerConfig
-from phi4_pron.data import load_split
+from phi4_pron.data import load_checked
 from phi4_pron.fast.generation import fast_generation
 from phi4_pron.inference import load_adapter_for_inference, saved_task
 from phi4_pron.modeling import ModelPathError
@@ -80,6 +80,10 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
     run_cfg = OmegaConf.merge(trained, {"logger": settings(cfg.logger, trained.logger, LoggerConfig)})
     task = cfg.task if cfg.task is not None else saved_task(ckpt)  # the questions, worked out once
     questions = questions_from_config(task)
+    # checked before the model loads; a recording that cannot be decoded stays in, counted as failed
+    dataset, problems = load_checked(data, data.eval_split, cfg.eval.limit, audio=False)
+    if problems:
+        log.warning("%s split: %d problems: %s", data.eval_split, len(problems), problems[:3])
 
     model, tokenizer, feature_extractor = load_adapter_for_inference(
         ckpt,
@@ -88,7 +92,6 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
         device="cpu" if hardware.num_gpus == 0 else None,
     )
     compiled = hardware.compile if cfg.eval.compile is None else cfg.eval.compile
-    dataset = load_split(data.path, data.eval_split, data.revision, cfg.eval.limit)
     wandb_run = start_wandb(run_cfg, run_dir, job_type="eval", name=f"{trained.run_name}/{cfg.checkpoint}")
     with fast_generation(model, compile_prompts=compiled and model.device.type == "cuda"):
         metrics, plots = evaluate_model(

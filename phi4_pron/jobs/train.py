@@ -12,6 +12,7 @@ run_training          lock the folder, choose the checkpoint to resume (before a
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -31,8 +32,8 @@ from phi4_pron.answer import TASK_FILE, Question, questions_from_config, task_in
 from phi4_pron.audio_cache import cache_audio_embeddings, unsupported_reason
 from phi4_pron.callbacks import EpochCheckpointCallback, EpochEvalCallback
 from phi4_pron.collator import PronunciationCollator
-from phi4_pron.config import REPO_ROOT, LoraInit, OnBad, SettingError
-from phi4_pron.data import checked, expand_questions, load_split, with_lengths
+from phi4_pron.config import REPO_ROOT, LoraInit, SettingError
+from phi4_pron.data import expand_questions, load_checked, with_lengths
 from phi4_pron.fast.attention import sdpa_without_cudnn
 from phi4_pron.fast.layers import (
     checkpoint_audio_layers,
@@ -44,8 +45,8 @@ from phi4_pron.fast.layers import (
 from phi4_pron.modeling import ModelPathError, audio_token_id, load_base_model, load_tokenizer_and_features
 from phi4_pron.modeling import resolve_model_path as resolve_path
 from phi4_pron.report import write_table3
-from phi4_pron.results import write_json_atomic
-from phi4_pron.run_folder import RUN_RECORD, resume_checkpoint, run_folder_lock
+from phi4_pron.results import replaced_folder, write_json_atomic, write_text_atomic
+from phi4_pron.run_folder import RUN_RECORD, RUN_STAMP, new_run_id, resume_checkpoint, run_folder_lock, stamped_run_id
 from phi4_pron.sweep import wandb_identity
 from phi4_pron.tiny_model import TINY_MARKER, ensure_tiny_checkpoint
 from phi4_pron.tracking import finish_wandb, start_wandb, tensorboard_callback
@@ -61,19 +62,39 @@ def run_training(cfg: DictConfig, run_dir: Path | None = None, callbacks: list |
     run_dir = Path(run_dir or HydraConfig.get().runtime.output_dir)
     with run_folder_lock(run_dir):
         resume = resume_checkpoint(cfg, run_dir)
-        return _train(cfg, run_dir, resume, callbacks)
+        run_id = stamped_run_id(run_dir) if resume else new_run_id()
+        _write_hydra_config(cfg, run_dir)
+        return _train(cfg, run_dir, resume, run_id, callbacks)
 
 
-def _train(cfg: DictConfig, run_dir: Path, resume: str | None, callbacks: list | None) -> dict[str, Any]:
+def _write_hydra_config(cfg: DictConfig, run_dir: Path) -> None:
+    """``.hydra/`` (config, overrides, Hydra's own settings), written only once the folder is this job's: Hydra's own
+    writing is off (``hydra.output_subdir: null``) so that a refused job leaves a running or finished run's alone."""
+    if not HydraConfig.initialized() or not dist.is_main_process():
+        return
+    hydra = HydraConfig.get()
+    folder = run_dir / ".hydra"
+    settings = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    write_text_atomic(folder / "config.yaml", OmegaConf.to_yaml(settings))
+    write_text_atomic(folder / "overrides.yaml", OmegaConf.to_yaml(list(hydra.overrides.task)))
+    write_text_atomic(folder / "hydra.yaml", OmegaConf.to_yaml({"hydra": hydra}))
+
+
+def _train(cfg: DictConfig, run_dir: Path, resume: str | None, run_id: str, callbacks: list | None) -> dict[str, Any]:
     _check_devices(cfg)
     set_seed(cfg.seed)
     world_size = dist.world_size()
-    args = sft_config(cfg, run_dir, world_size)
+    try:
+        args = sft_config(cfg, run_dir, world_size)
+    except ValueError as e:  # TrainingArguments' own checks: an optimizer or scheduler it does not know, ...
+        raise SettingError(
+            f"optim.optimizer={cfg.optim.optimizer!r} / optim.lr_scheduler={cfg.optim.lr_scheduler!r}: {e}"
+        ) from None
     cpp_compiler(cfg.hardware)  # a missing C++ compiler is named before the model loads
     with compiler_caches(cfg.hardware, cfg.cache_dir), sdpa_without_cudnn():
         prepared = prepare(cfg, args.device)
-        _write_record(cfg, run_dir, prepared, args, world_size)
-        trainer, eval_cb, wandb_run = _setup_trainer(cfg, run_dir, prepared, args, callbacks)
+        _write_record(cfg, run_dir, prepared, args, world_size, run_id)
+        trainer, eval_cb, wandb_run = _setup_trainer(cfg, run_dir, prepared, args, run_id, callbacks)
         try:
             metrics = _fit(cfg, run_dir, prepared, trainer, eval_cb, resume)
             finish_wandb(wandb_run, {f"train/{k}": v for k, v in metrics.items()})
@@ -154,13 +175,15 @@ class Prepared:
     audio_cache_note: str
     audio_cache_s: float | None = None  # seconds the one-off audio embedding pass took
     data_problems: list[str] = field(default_factory=list)  # what data.on_bad=skip left out
+    eval_dataset: Any = None  # the evaluation split, checked (eval.every_epoch)
+    eval_problems: list[str] = field(default_factory=list)
 
 
 def prepare(cfg: DictConfig, device: torch.device | str = "cpu") -> Prepared:
     """Model, processing, the training split (one row per recording and question, with length keys), its collator,
     the cached audio embeddings where the audio encoder is frozen, and the compiled layers."""
     questions = questions_from_config(cfg.task)
-    recordings, problems = _setup_data(cfg)
+    recordings, problems, eval_dataset, eval_problems = _setup_data(cfg)
     model, tokenizer, feature_extractor, path, n_loaded = load_model(cfg, device)
     collator = PronunciationCollator(tokenizer, feature_extractor, questions, max_length=cfg.model.max_length)
     train_ds = _setup_samples(cfg, recordings, questions, collator)
@@ -190,17 +213,23 @@ def prepare(cfg: DictConfig, device: torch.device | str = "cpu") -> Prepared:
         audio_cache_note=note,
         audio_cache_s=cache_s,
         data_problems=problems,  # empty unless data.on_bad=skip (else checked() raised)
+        eval_dataset=eval_dataset,
+        eval_problems=eval_problems,
     )
 
 
 def _setup_data(cfg: DictConfig):
-    """The training split's recordings, every problem found before the model loads."""
-    recordings = load_split(cfg.data.path, cfg.data.train_split, cfg.data.revision, cfg.data.max_train_samples)
-    skip = OnBad(cfg.data.on_bad) is OnBad.skip
-    recordings, problems = checked(recordings, cfg.data.min_seconds, cfg.data.max_seconds, skip)
+    """The training split's recordings and the evaluation split's (when evaluating), every problem found before the
+    model loads: (train, its problems, eval or None, its problems)."""
+    recordings, problems = load_checked(cfg.data, cfg.data.train_split, cfg.data.max_train_samples)
     if problems:
         log.warning("data.on_bad=skip: %d problems, those utterances left out, e.g. %s", len(problems), problems[:3])
-    return recordings, problems
+    test, test_problems = None, []
+    if cfg.eval.every_epoch:  # its recordings' audio is decoded at evaluation: one that fails there is counted
+        test, test_problems = load_checked(cfg.data, cfg.data.eval_split, cfg.eval.limit, audio=False)
+        if test_problems:
+            log.warning("%s split: %d problems: %s", cfg.data.eval_split, len(test_problems), test_problems[:3])
+    return recordings, problems, test, test_problems
 
 
 def _setup_samples(cfg: DictConfig, recordings, questions: dict[str, Question], collator: PronunciationCollator):
@@ -228,8 +257,11 @@ def _setup_fast_path(cfg: DictConfig, model, audio_cached: bool) -> None:
         log.info("audio encoder: %d layers recomputed in the backward", n)
 
 
-def _write_record(cfg: DictConfig, run_dir: Path, prepared: Prepared, args: SFTConfig, world_size: int) -> dict:
-    """``training_config.json``: what was trained (model, adapters, task, data), how, and how many parameters."""
+def _write_record(
+    cfg: DictConfig, run_dir: Path, prepared: Prepared, args: SFTConfig, world_size: int, run_id: str
+) -> dict:
+    """``training_config.json``: what was trained (model, adapters, task, data), how, and how many parameters; the
+    run's id, which its checkpoints carry."""
     adapter = adapter_summary(prepared.model)
     log.info(
         "%s: %d trainable parameters of %d (%.3f%%)",
@@ -240,6 +272,7 @@ def _write_record(cfg: DictConfig, run_dir: Path, prepared: Prepared, args: SFTC
     )
     init, path = LoraInit(cfg.lora.init), prepared.model_path
     record = {
+        "run_id": run_id,
         "config_name": cfg.run_name,
         "description": cfg.lora.description,
         "experiment": cfg.experiment_name,
@@ -266,6 +299,8 @@ def _write_record(cfg: DictConfig, run_dir: Path, prepared: Prepared, args: SFTC
             "train_split": cfg.data.train_split,
             "skipped_problems": len(prepared.data_problems),
             "problems": prepared.data_problems[:100],
+            "eval_split": cfg.data.eval_split,
+            "eval_problems": prepared.eval_problems[:100],
         },
         "training_arguments": args.to_dict(),
         "phi4_pron_version": __version__,
@@ -276,13 +311,16 @@ def _write_record(cfg: DictConfig, run_dir: Path, prepared: Prepared, args: SFTC
     return record
 
 
-def _setup_trainer(cfg: DictConfig, run_dir: Path, prepared: Prepared, args: SFTConfig, callbacks: list | None):
+def _setup_trainer(
+    cfg: DictConfig, run_dir: Path, prepared: Prepared, args: SFTConfig, run_id: str, callbacks: list | None
+):
     """(Trainer, per-epoch evaluation callback or None, W&B run or None)."""
     tb = tensorboard_callback(cfg, run_dir)
     wandb_name, wandb_group = wandb_identity(cfg.run_name)
     wandb_run = start_wandb(cfg, run_dir, job_type="train", name=wandb_name, group=wandb_group)
     task = OmegaConf.to_container(cfg.task, resolve=True)  # saved beside every adapter (task.json)
-    trainer = build_trainer(prepared, args, [EpochCheckpointCallback(task), *([tb] if tb else []), *(callbacks or [])])
+    checkpoints = EpochCheckpointCallback(task, run_id)
+    trainer = build_trainer(prepared, args, [checkpoints, *([tb] if tb else []), *(callbacks or [])])
     eval_cb = None
     if cfg.eval.every_epoch:
         eval_cb = EpochEvalCallback(
@@ -290,7 +328,7 @@ def _setup_trainer(cfg: DictConfig, run_dir: Path, prepared: Prepared, args: SFT
             prepared.tokenizer,
             prepared.feature_extractor,
             prepared.questions,
-            load_split(cfg.data.path, cfg.data.eval_split, cfg.data.revision, cfg.eval.limit),
+            prepared.eval_dataset,
             run_dir,
             batch_size=cfg.eval.batch_size or cfg.hardware.per_device_eval_batch_size,
             max_new_tokens=cfg.eval.max_new_tokens,
@@ -321,18 +359,38 @@ def _fit(cfg, run_dir: Path, prepared: Prepared, trainer, eval_cb, resume: str |
     main = trainer.is_world_process_zero()
     if eval_cb is not None and cfg.eval.before_training and resume is None and main:
         eval_cb.evaluate(prepared.model, epoch=0, step=0)  # the paper's epoch 0: the starting adapter, untrained
+    if eval_cb is not None and resume is not None and main:
+        _evaluate_missing(run_dir, Path(resume), prepared.model, eval_cb)
     with compile_settings(cfg.hardware):
         result = trainer.train(resume_from_checkpoint=resume)
     if main:
-        final = run_dir / "final_model"
-        trainer.model.save_pretrained(final)
-        prepared.tokenizer.save_pretrained(final)
-        prepared.feature_extractor.save_pretrained(final)
-        write_json_atomic(final / TASK_FILE, OmegaConf.to_container(cfg.task, resolve=True))
+        with replaced_folder(run_dir / "final_model") as final:  # whole or not at all
+            trainer.model.save_pretrained(final)
+            prepared.tokenizer.save_pretrained(final)
+            prepared.feature_extractor.save_pretrained(final)
+            write_json_atomic(final / TASK_FILE, OmegaConf.to_container(cfg.task, resolve=True))
         if eval_cb is not None:
             write_table3(run_dir)
         print(learning_summary(trainer.state.log_history, eval_cb.last if eval_cb else None))
     return dict(result.metrics)
+
+
+def _evaluate_missing(run_dir: Path, resume: Path, model, eval_cb: EpochEvalCallback) -> None:
+    """Evaluate this run's checkpoints up to the resumed one that have no evaluation (a job killed while it ran),
+    each with its own adapter weights; training then loads the resumed checkpoint's as it always does."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    stamp = (resume / RUN_STAMP).read_text() if (resume / RUN_STAMP).exists() else None
+    last = json.loads((resume / "trainer_state.json").read_text())["global_step"]
+    for ckpt in sorted(run_dir.glob("checkpoint-epoch-*"), key=lambda p: int(p.name.rsplit("-", 1)[1])):
+        step = json.loads((ckpt / "trainer_state.json").read_text())["global_step"]
+        mine = (ckpt / RUN_STAMP).read_text() == stamp if (ckpt / RUN_STAMP).exists() else stamp is None
+        if step > last or not mine or (run_dir / "eval" / ckpt.name / "metrics.json").exists():
+            continue
+        log.warning("%s has no evaluation (its job was stopped): evaluating it now", ckpt.name)
+        set_peft_model_state_dict(model, load_file(ckpt / "adapter_model.safetensors"))
+        eval_cb.evaluate(model, epoch=int(ckpt.name.rsplit("-", 1)[1]), step=step)
 
 
 def learning_summary(log_history: list[dict], last_eval: dict | None) -> str:
