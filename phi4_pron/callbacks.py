@@ -16,7 +16,7 @@ from transformers import TrainerCallback
 from phi4_pron.answer import TASK_FILE
 from phi4_pron.dist import barrier
 from phi4_pron.results import write_json_atomic, write_text_atomic
-from phi4_pron.run_folder import RUN_STAMP
+from phi4_pron.run_folder import RUN_STAMP, prune_optimizer_states
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +35,8 @@ class EpochCheckpointCallback(TrainerCallback):
     resume takes only checkpoints of its own run.
     """
 
-    def __init__(self, task: dict | None = None, run_id: str | None = None):
-        self.task, self.run_id = task, run_id
+    def __init__(self, task: dict | None = None, run_id: str | None = None, keep_optimizer_states: int = -1):
+        self.task, self.run_id, self.keep_optimizer_states = task, run_id, keep_optimizer_states
 
     def on_save(self, args, state, control, **kwargs):
         barrier()  # every rank has written its part (its RNG state) before the folder moves
@@ -56,6 +56,7 @@ class EpochCheckpointCallback(TrainerCallback):
             os.replace(dst, old)
         os.replace(src, dst)
         shutil.rmtree(old, ignore_errors=True)
+        prune_optimizer_states(dst.parent, self.keep_optimizer_states)  # once the new one is whole
 
 
 class EpochEvalCallback(TrainerCallback):

@@ -188,6 +188,9 @@ class TrainConfig:
     # "Unfreeze" (the paper's Table 3): the audio encoder and its projection train with the LoRA (no audio cache)
     train_audio_encoder: bool = False
     resume: str = "auto"  # auto: continue from the run folder's newest checkpoint if any; true: must; false: never
+    # the newest N checkpoints keep their optimizer state (resumable); older ones keep adapter and trainer state
+    # (evaluable), which bounds the disk a run takes (Unfreeze's optimizer state is GBs an epoch); -1 keeps all
+    keep_optimizer_states: int = 1
 
 
 def unset(schema: type) -> type:
@@ -283,6 +286,7 @@ RULES = {
     "eval.batch_size": _at_least(1),
     "resume": _one_of(*RESUME_MODES),
     "seed": _at_least(0),
+    "keep_optimizer_states": (lambda v: v == -1 or v >= 1, "must be -1 (keep all) or 1 or above"),
     "batch_size": _at_least(1),  # assess
     "max_new_tokens": _at_least(1),  # assess
 }

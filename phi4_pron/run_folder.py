@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 RUN_RECORD = "training_config.json"
 CHECKPOINT_FILES = ("trainer_state.json", "adapter_model.safetensors", "adapter_config.json")
 RUN_STAMP = "run_id"  # in every checkpoint: the run that wrote it
+OPTIMIZER_FILES = ("optimizer.pt", "optimizer.bin")
+PRUNED = "optimizer_state_removed"  # in a checkpoint whose optimizer state was removed (keep_optimizer_states)
 # what a run leaves in its folder (moved aside together when another run starts over in it)
 RUN_FILES = ("checkpoint-*", "final_model", "eval", "logs", RUN_RECORD, "table3.*", ".hydra", "README.md")
 
@@ -49,6 +51,7 @@ RESUME_SAFE = (
     "hardware.per_device_eval_batch_size",
     "hardware.compile_cpp_wrapper",  # how the compiled kernels are launched (runs from before it lack the key)
     "hardware.audio_layers_kept",  # which activations are recomputed: the same gradients (runs before it lack the key)
+    "keep_optimizer_states",  # what older checkpoints keep on disk
 )
 
 
@@ -95,6 +98,8 @@ def checkpoint_problem(ckpt: Path, run_id: str | None = None) -> str | None:
     missing = [f for f in CHECKPOINT_FILES if not (ckpt / f).exists()]
     if missing:
         return f"lacks {missing}"
+    if (ckpt / PRUNED).exists():
+        return "its optimizer state was removed (keep_optimizer_states): evaluable, not resumable"
     for f in sorted(ckpt.glob("*.safetensors")):
         if problem := _safetensors_problem(f):
             return f"{f.name}: {problem}"
@@ -125,6 +130,23 @@ def _safetensors_problem(file: Path) -> str | None:
         return f"header unreadable ({e})"
     end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
     return None if 8 + n + end <= size else f"cut short ({size} of {8 + n + end} bytes)"
+
+
+def prune_optimizer_states(run_dir: Path, keep: int) -> list[Path]:
+    """Remove the optimizer state of every checkpoint but the ``keep`` newest (``-1``: none removed); each keeps its
+    adapter, trainer state and a note (:data:`PRUNED`). Returns the checkpoints pruned now."""
+    if keep < 0:
+        return []
+    ckpts = sorted(run_dir.glob("checkpoint-epoch-*"), key=lambda p: int(p.name.rsplit("-", 1)[1]))
+    pruned = []
+    for ckpt in ckpts[: max(0, len(ckpts) - keep)]:
+        files = [ckpt / f for f in OPTIMIZER_FILES if (ckpt / f).exists()]
+        if files:
+            (ckpt / PRUNED).write_text(f"removed {[f.name for f in files]}: keep_optimizer_states={keep}\n")
+            for f in files:
+                f.unlink()
+            pruned.append(ckpt)
+    return pruned
 
 
 def stamped_run_id(run_dir: Path) -> str:

@@ -104,3 +104,6 @@ def test_the_job_row_times_the_main_jobs_shape_end_to_end(tmp_path):
     assert row["projected_4_epochs_s"] == pytest.approx(projected)
     assert result["summary"]["paper_table3_projection_s"] == pytest.approx(4 * projected)
     assert "eval.before_training=true" in row["command"] and "optim.epochs=1" in row["command"]
+    adapter = row["checkpoint_gib"] - row["optimizer_state_gib"]
+    assert row["checkpoint_gib"] > row["optimizer_state_gib"] > 0 and adapter > 0  # measured on the saved checkpoint
+    assert row["run_4_epochs_gib"] == pytest.approx(4 * adapter + row["optimizer_state_gib"] + row["final_model_gib"])

@@ -58,6 +58,11 @@ def test_a_folder_never_mixes_two_runs_and_a_lost_evaluation_is_made_on_resume(t
     job = ["-m", "phi4_pron.train", "experiment=smoke", "logger=none", "data.max_train_samples=4", "eval.limit=2"]
     first = [*job, "optim.epochs=2", f"hydra.run.dir={run}"]
     run_cli(first)
+    # keep_optimizer_states=1: the older checkpoint keeps its adapter (evaluable), not its optimizer state
+    assert (run / "checkpoint-epoch-2" / "optimizer.pt").exists() and not (
+        run / "checkpoint-epoch-1" / "optimizer.pt"
+    ).exists()
+    assert (run / "checkpoint-epoch-1" / "adapter_model.safetensors").exists()
     shutil.rmtree(run / "eval" / "checkpoint-epoch-2")  # killed while evaluating epoch 2
     proc = run_cli(first)
     assert "checkpoint-epoch-2 has no evaluation" in proc.stdout

@@ -156,3 +156,20 @@ def test_a_refused_job_leaves_the_folder_alone(tmp_path):
     assert (run_dir / ".hydra" / "config.yaml").read_text() == "the running job's\n"
     after = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.name not in (".lock", "train.log")}
     assert after == before
+
+
+def test_older_checkpoints_give_up_their_optimizer_state(tmp_path):
+    """keep_optimizer_states bounds a run's disk; a pruned checkpoint is never resumed (it would restart Adam)."""
+    from phi4_pron.run_folder import latest_checkpoint, prune_optimizer_states
+
+    _fake_run(tmp_path, ["experiment=smoke"], epochs=(1, 2, 3))
+    for epoch in (1, 2, 3):
+        (tmp_path / f"checkpoint-epoch-{epoch}" / "optimizer.pt").write_bytes(b"x" * 100)
+    assert prune_optimizer_states(tmp_path, keep=-1) == []
+    assert prune_optimizer_states(tmp_path, keep=2) == [tmp_path / "checkpoint-epoch-1"]
+    assert [(tmp_path / f"checkpoint-epoch-{e}" / "optimizer.pt").exists() for e in (1, 2, 3)] == [False, True, True]
+    adapter = tmp_path / "checkpoint-epoch-3" / "adapter_model.safetensors"
+    adapter.write_bytes(b"")  # the newest cut short: the previous whole one is resumed, never a pruned one
+    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint-epoch-2"
+    prune_optimizer_states(tmp_path, keep=1)
+    assert latest_checkpoint(tmp_path) is None

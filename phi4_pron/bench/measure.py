@@ -266,6 +266,30 @@ class JobTimer(TrainerCallback):
         self.log_history = list(state.log_history)
 
 
+def disk_footprint(run_dir: Path, epochs: int) -> dict[str, float]:
+    """GiB on disk: one checkpoint (its optimizer state apart), final_model/, and a run of ``epochs`` epochs with the
+    optimizer state in the newest checkpoint only (keep_optimizer_states=1) and in every one (-1)."""
+
+    def gib(paths) -> float:
+        return (
+            sum(f.stat().st_size for p in paths for f in ([p] if p.is_file() else p.rglob("*")) if f.is_file()) / 2**30
+        )
+
+    ckpt = next(iter(sorted(run_dir.glob("checkpoint-epoch-*"))), None)
+    if ckpt is None:
+        return {}
+    optimizer = gib([f for f in ckpt.iterdir() if f.name.startswith("optimizer")])
+    adapter = gib([ckpt]) - optimizer
+    final = gib([run_dir / "final_model"])
+    return {
+        "checkpoint_gib": adapter + optimizer,
+        "optimizer_state_gib": optimizer,
+        "final_model_gib": final,
+        f"run_{epochs}_epochs_gib": epochs * adapter + optimizer + final,
+        f"run_{epochs}_epochs_all_optimizer_states_gib": epochs * (adapter + optimizer) + final,
+    }
+
+
 def job_row(overrides: list[str], warmup: int, run_dir: Path, epochs: int = 4) -> dict[str, Any]:
     """One epoch of ``python -m phi4_pron.train <overrides>`` as the main job runs it (the test split evaluated
     before training and after the epoch, the checkpoint saved, ``table3.md`` written), timed from the call to its
@@ -311,6 +335,7 @@ def job_row(overrides: list[str], warmup: int, run_dir: Path, epochs: int = 4) -
         f"projected_{epochs}_epochs_s": projected,
         "steps_peak_gib": timer.steps_peak_gib,
         "eval_peak_gib": peak_gib(),  # the evaluation inside training, the Trainer's memory held
+        **disk_footprint(run_dir, epochs),
         "table3": (run_dir / "table3.md").exists(),
         "run_dir": str(run_dir),
     }

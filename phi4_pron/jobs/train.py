@@ -319,7 +319,7 @@ def _setup_trainer(
     wandb_name, wandb_group = wandb_identity(cfg.run_name)
     wandb_run = start_wandb(cfg, run_dir, job_type="train", name=wandb_name, group=wandb_group)
     task = OmegaConf.to_container(cfg.task, resolve=True)  # saved beside every adapter (task.json)
-    checkpoints = EpochCheckpointCallback(task, run_id)
+    checkpoints = EpochCheckpointCallback(task, run_id, cfg.keep_optimizer_states)
     trainer = build_trainer(prepared, args, [checkpoints, *([tb] if tb else []), *(callbacks or [])])
     eval_cb = None
     if cfg.eval.every_epoch:
