@@ -80,6 +80,8 @@ class EpochEvalCallback(TrainerCallback):
         tb_writer=None,
         info: dict | None = None,
         compiled: bool = False,
+        resamples: int = 0,
+        log_audio: bool = False,
     ):
         self.trainer, self.tokenizer, self.feature_extractor = trainer, tokenizer, feature_extractor
         self.questions, self.dataset, self.run_dir = questions, dataset, Path(run_dir)
@@ -87,6 +89,8 @@ class EpochEvalCallback(TrainerCallback):
         self.info = info or {}  # written into every metrics.json (the task, the setting)
         self.last: dict | None = None  # the newest evaluation's metrics
         self.compiled = compiled  # a static cache and compiled decoding steps, as evaluate decodes (eval.compile)
+        self.resamples = resamples  # bootstrap intervals (eval.bootstrap)
+        self.log_audio = log_audio  # the answers table carries the recordings (logger.wandb.log_audio)
 
     def on_save(self, args, state, control, model=None, **kwargs):
         if state.is_world_process_zero:
@@ -97,8 +101,10 @@ class EpochEvalCallback(TrainerCallback):
 
         from phi4_pron.fast.generation import fast_generation
         from phi4_pron.fast.layers import uncompiled
-        from phi4_pron.predictions import HEADLINE, evaluate_model
-        from phi4_pron.tracking import log_plots, summarize
+        from phi4_pron.paper import logged
+        from phi4_pron.predictions import evaluate_model
+        from phi4_pron.results import read_predictions
+        from phi4_pron.tracking import log_answers, log_plots, summarize
 
         name = f"checkpoint-epoch-{epoch}"
         start = time.perf_counter()
@@ -124,10 +130,14 @@ class EpochEvalCallback(TrainerCallback):
                 info={"checkpoint": name, "epoch": epoch, "step": step, **self.info},
                 num_workers=self.trainer.args.dataloader_num_workers,
                 compiled=self.compiled,
+                resamples=self.resamples,
             )
-        self.trainer.log({**{f"eval/{k}": metrics[k] for k in HEADLINE}, "eval/seconds": time.perf_counter() - start})
+        values = logged(metrics)
+        self.trainer.log({**{f"eval/{k}": v for k, v in values.items()}, "eval/seconds": time.perf_counter() - start})
         log_plots(plots, step, self.tb_writer)
-        summarize({"epoch": epoch, **{f"table3/{k}": metrics[k] for k in HEADLINE}})
+        audio = dict(zip(self.dataset["id"], self.dataset["audio"], strict=True)) if self.log_audio else None
+        log_answers(read_predictions(self.run_dir / "eval" / name / "predictions.jsonl"), step, audio)
+        summarize({"epoch": epoch, **{f"table3/{k}": v for k, v in values.items()}})
         self.last = metrics
         return metrics
 

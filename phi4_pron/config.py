@@ -149,6 +149,7 @@ class WandbConfig:
     mode: str = "online"  # online | offline | disabled
     group: str | None = None
     tags: list[str] = field(default_factory=list)
+    log_audio: bool = False  # each evaluation's answers table carries the recordings (the test split: ~300 MB)
 
 
 @dataclass
@@ -167,6 +168,7 @@ class EvalConfig:
     max_new_tokens: int = 256
     batch_size: int | None = None  # None = hardware.per_device_eval_batch_size
     compile: bool | None = None  # phi4_pron.evaluate: static cache + compiled decoding (GPU); None = hardware.compile
+    bootstrap: int = 1000  # resamples of the recordings for every metric's 95% interval (seeded); 0: none
 
 
 @dataclass
@@ -284,6 +286,7 @@ RULES = {
     "eval.limit": _at_least(1),
     "eval.max_new_tokens": _at_least(1),
     "eval.batch_size": _at_least(1),
+    "eval.bootstrap": _at_least(0),
     "resume": _one_of(*RESUME_MODES),
     "seed": _at_least(0),
     "keep_optimizer_states": (lambda v: v == -1 or v >= 1, "must be -1 (keep all) or 1 or above"),

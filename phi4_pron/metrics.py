@@ -49,6 +49,18 @@ def _error_rate(references: Sequence[str], hypotheses: Sequence[str]) -> float:
     return float(out.wer)
 
 
+def edit_counts(reference: str, hypothesis: str) -> tuple[int, int]:
+    """(substitutions + deletions + insertions, reference tokens) of one pair of normalised strings: the terms a
+    corpus error rate sums (an empty reference counts in neither)."""
+    n = len(reference.split())
+    if not n:
+        return 0, 0
+    if not hypothesis.strip():
+        return n, n
+    out = jiwer.process_words(reference, hypothesis)
+    return out.substitutions + out.deletions + out.insertions, n
+
+
 def wer(references: Sequence[str], hypotheses: Sequence[str]) -> float:
     """Corpus WER over normalised text (case and punctuation ignored)."""
     return _error_rate([normalise_text(r) for r in references], [normalise_text(h) for h in hypotheses])

@@ -3,6 +3,8 @@ and metrics tables read it without torch."""
 
 from __future__ import annotations
 
+from phi4_pron.answer import SCORE_KEYS
+
 # Table 3 columns, in the paper's order, and the headline metrics logged per evaluation.
 METRIC_COLUMNS = [
     "pcc_accuracy",
@@ -17,6 +19,19 @@ METRIC_COLUMNS = [
 ]
 HEADERS = ["PCC acc", "PCC flu", "PCC pro", "PCC tot", "WER", "PER", "F1", "Prec", "Rec"]
 HEADLINE = [*METRIC_COLUMNS, "n_failed", "n_unparseable"]
+# beside each PCC (phi4_pron.stats): rank correlation, squared error, and PCC's p-value
+AGREEMENT_COLUMNS = [f"{m}_{k}" for m in ("scc", "mse") for k in SCORE_KEYS]
+PVALUE_COLUMNS = [f"pcc_{k}_p" for k in SCORE_KEYS]
+
+
+def logged(metrics: dict) -> dict[str, float]:
+    """One evaluation's values for a tracker, flat: the headline, SCC, MSE, PCC p-values, and each interval as
+    ``{metric}_lo`` / ``{metric}_hi``."""
+    out = {k: metrics[k] for k in [*HEADLINE, *AGREEMENT_COLUMNS, *PVALUE_COLUMNS] if k in metrics}
+    for key, value in metrics.items():
+        if key.endswith("_ci") and value:
+            out[f"{key[:-3]}_lo"], out[f"{key[:-3]}_hi"] = value
+    return out
 
 
 def _row(*values: float) -> dict[str, float]:

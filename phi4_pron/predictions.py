@@ -9,13 +9,13 @@ deletions), every canonical phone "mispronounced" for MDD.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -35,7 +35,8 @@ from phi4_pron.fast.generation import static_cache_len
 from phi4_pron.inference import generate_answers, generate_from_batch, generation_collator
 from phi4_pron.metrics import detected_mispronunciations, mdd_scores, pcc, per, wer
 from phi4_pron.paper import HEADLINE
-from phi4_pron.results import json_line, write_json_atomic, write_text_atomic
+from phi4_pron.results import json_line, read_predictions, write_json_atomic, write_text_atomic
+from phi4_pron.stats import intervals, point_values
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,7 @@ def generate_records(
     progress: bool = True,
     num_workers: int = 0,
     compiled: bool = False,
+    resamples: int = 0,
 ) -> list[dict[str, Any]]:
     """One record per recording, in the dataset's order: id, raw answers (question -> text), the answers parsed and
     joined into one dict of fields (None if none parses), reference, error (None, or why a question failed).
@@ -181,8 +183,9 @@ def reparse(records: list[dict[str, Any]], questions: dict[str, Question]) -> li
     return out
 
 
-def score(records: list[dict[str, Any]]) -> dict[str, Any]:
-    """The paper's metrics over a list of records, with the failure counts."""
+def score(records: list[dict[str, Any]], resamples: int = 0, seed: int = 0) -> dict[str, Any]:
+    """The paper's metrics over a list of records, with the failure counts; SCC, MSE and PCC's p-value of each aspect;
+    with ``resamples`` a 95% bootstrap interval of every metric (``{metric}_ci``, :mod:`phi4_pron.stats`)."""
     answered = [r for r in records if r.get("error") is None]
     metrics: dict[str, Any] = {
         "n_utterances": len(records),
@@ -201,11 +204,24 @@ def score(records: list[dict[str, Any]]) -> dict[str, Any]:
         [detected_mispronunciations(ref["canonical"], p.get("phones", "")) for p, ref in parsed],
     )
     metrics.update({f"mdd_{k}": v for k, v in mdd.items()})
+    metrics.update(point_values(records))
+    metrics.update(intervals(records, resamples, seed))
+    metrics["bootstrap_resamples"] = resamples if len(records) >= 2 else 0
     return metrics
 
 
-def scatter_plots(records: list[dict[str, Any]], out_dir: Path) -> dict[str, Path]:
-    """Predicted vs human score, one PNG per aspect."""
+def count_grid(records: list[dict[str, Any]], aspect: str) -> np.ndarray:
+    """Recordings per (human, predicted) score, both rounded to 0-10: ``grid[human, predicted]``."""
+    grid = np.zeros((11, 11), dtype=int)
+    for r in records:
+        if r.get("parsed") and aspect in r["parsed"]:
+            grid[round(r["reference"][aspect]), round(r["parsed"][aspect])] += 1
+    return grid
+
+
+def grid_plots(records: list[dict[str, Any]], metrics: dict[str, Any], out_dir: Path) -> dict[str, Path]:
+    """Predicted vs human score as a count grid (cell colour and number: recordings), one PNG per aspect: integer
+    scores of thousands of recordings fall on at most 121 cells, which a scatter plot overprints."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -213,35 +229,41 @@ def scatter_plots(records: list[dict[str, Any]], out_dir: Path) -> dict[str, Pat
 
     paths = {}
     for k in SCORE_KEYS:
-        pairs = [(r["reference"][k], r["parsed"][k]) for r in records if r.get("parsed") and k in r["parsed"]]
-        fig, ax = plt.subplots(figsize=(4, 4), dpi=100)
-        if pairs:
-            ax.scatter(*zip(*pairs, strict=True), s=10, alpha=0.5)
-        ax.plot([0, 10], [0, 10], color="grey", lw=0.8)
-        r = pcc([p for _, p in pairs], [h for h, _ in pairs])
+        grid = count_grid(records, k)
+        fig, ax = plt.subplots(figsize=(4.6, 4.2), dpi=100)
+        ax.imshow(grid.T, origin="lower", cmap="Blues", extent=(-0.5, 10.5, -0.5, 10.5))
+        for h, p in zip(*np.nonzero(grid), strict=True):
+            dark = grid[h, p] > grid.max() / 2
+            ax.text(h, p, str(grid[h, p]), ha="center", va="center", fontsize=6, color="white" if dark else "black")
+        ax.plot([-0.5, 10.5], [-0.5, 10.5], color="grey", lw=0.6)
+        pcc_, scc_ = (metrics.get(f"{m}_{k}", math.nan) for m in ("pcc", "scc"))
         ax.set(
-            xlim=(-0.5, 10.5),
-            ylim=(-0.5, 10.5),
+            xticks=range(11),
+            yticks=range(11),
             xlabel=f"human {k}",
             ylabel=f"predicted {k}",
-            title=f"{k}: PCC {'n/a' if math.isnan(r) else f'{r:.3f}'} (n={len(pairs)})",
+            title=f"{k}: PCC {_fmt(pcc_)}, SCC {_fmt(scc_)} (n={grid.sum()})",
         )
         fig.tight_layout()
-        tmp = out_dir / f".scatter_{k}.png.tmp"
+        tmp = out_dir / f".grid_{k}.png.tmp"
         fig.savefig(tmp, format="png")
         plt.close(fig)
-        paths[k] = tmp.replace(out_dir / f"scatter_{k}.png")
+        paths[k] = tmp.replace(out_dir / f"grid_{k}.png")
     return paths
+
+
+def _fmt(v: float | None) -> str:
+    return "n/a" if v is None or math.isnan(v) else f"{v:.3f}"
 
 
 def write_results(
     out_dir: Path, records: list[dict[str, Any]], metrics: dict[str, Any], info: dict[str, Any] | None = None
 ) -> dict[str, Path]:
-    """``predictions.jsonl``, ``metrics.json`` and the scatter plots, each written atomically."""
+    """``predictions.jsonl``, ``metrics.json`` and the count grids, each written atomically."""
     out_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out_dir / "predictions.jsonl", "".join(map(json_line, records)))
     write_json_atomic(out_dir / "metrics.json", {**(info or {}), **metrics})
-    return scatter_plots(records, out_dir)
+    return grid_plots(records, metrics, out_dir)
 
 
 def evaluate_model(
@@ -257,6 +279,7 @@ def evaluate_model(
     info: dict[str, Any] | None = None,
     num_workers: int = 0,
     compiled: bool = False,
+    resamples: int = 0,
 ) -> tuple[dict[str, Any], dict[str, Path]]:
     """Generate, score and write one evaluation; returns the metrics and the plot files."""
     was_training = model.training
@@ -277,44 +300,8 @@ def evaluate_model(
     finally:
         model.train(was_training)
     generated = time.perf_counter()
-    metrics = score(records)
+    metrics = score(records, resamples)
     seconds = {"generate": generated - start, "score": time.perf_counter() - generated}  # compile included
     plots = write_results(out_dir, records, metrics, {**(info or {}), "seconds": seconds})
     log.info("%s: %s", out_dir, {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})
     return metrics, plots
-
-
-def read_predictions(path: Path) -> list[dict[str, Any]]:
-    records = []
-    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n} is not a JSON line ({e}).") from e
-    if not records:
-        raise ValueError(f"{path} holds no predictions: give a predictions.jsonl written by phi4_pron.evaluate.")
-    missing = [n for n, r in enumerate(records, 1) if "raw" not in r or "reference" not in r]
-    if missing:
-        raise ValueError(
-            f"{path}: lines {missing[:5]} lack 'raw' or 'reference'; give a predictions.jsonl "
-            "written by phi4_pron.evaluate."
-        )
-    problems = _record_problems(records)
-    if problems:
-        raise ValueError(f"{path}: {len(problems)} problems, none scored: " + "; ".join(problems[:10]) + ".")
-    return records
-
-
-def _record_problems(records: list[dict[str, Any]]) -> list[str]:
-    """Duplicated utterance ids (each would be scored twice) and human scores that are not numbers in 0-10."""
-    lines: dict[Any, list[int]] = {}
-    for n, r in enumerate(records, 1):
-        lines.setdefault(r.get("id"), []).append(n)
-    problems = [f"utterance {u} is on lines {ns}" for u, ns in lines.items() if len(ns) > 1]
-    for n, r in enumerate(records, 1):
-        for k in SCORE_KEYS:
-            v = r["reference"].get(k)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 10:  # NaN fails the range
-                problems.append(f"line {n} (utterance {r.get('id')}): reference {k}={v!r} is not a score in 0-10")
-    return problems

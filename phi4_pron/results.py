@@ -12,6 +12,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from phi4_pron.answer import SCORE_KEYS
+
 SET_ASIDE = "previous-"  # an older run's files, moved aside when a new run starts over in its folder
 
 
@@ -94,3 +96,41 @@ def replaced_folder(out_dir: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def read_predictions(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a ``predictions.jsonl``, each checked: a line that is not JSON, lacks its answer or reference,
+    repeats an utterance or holds a human score that is not a number in 0-10 is named."""
+    records = []
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n} is not a JSON line ({e}).") from e
+    if not records:
+        raise ValueError(f"{path} holds no predictions: give a predictions.jsonl written by phi4_pron.evaluate.")
+    missing = [n for n, r in enumerate(records, 1) if "raw" not in r or "reference" not in r]
+    if missing:
+        raise ValueError(
+            f"{path}: lines {missing[:5]} lack 'raw' or 'reference'; give a predictions.jsonl "
+            "written by phi4_pron.evaluate."
+        )
+    problems = _record_problems(records)
+    if problems:
+        raise ValueError(f"{path}: {len(problems)} problems, none scored: " + "; ".join(problems[:10]) + ".")
+    return records
+
+
+def _record_problems(records: list[dict[str, Any]]) -> list[str]:
+    """Duplicated utterance ids (each would be scored twice) and human scores that are not numbers in 0-10."""
+    lines: dict[Any, list[int]] = {}
+    for n, r in enumerate(records, 1):
+        lines.setdefault(r.get("id"), []).append(n)
+    problems = [f"utterance {u} is on lines {ns}" for u, ns in lines.items() if len(ns) > 1]
+    for n, r in enumerate(records, 1):
+        for k in SCORE_KEYS:
+            v = r["reference"].get(k)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 10:  # NaN fails the range
+                problems.append(f"line {n} (utterance {r.get('id')}): reference {k}={v!r} is not a score in 0-10")
+    return problems

@@ -40,7 +40,7 @@ class SweepSummary(Callback):
             return
         from hydra.core.utils import JobStatus
 
-        from phi4_pron.report import write_table3
+        from phi4_pron.table3 import write_table3
 
         sweep_dir = Path(config.hydra.sweep.dir)
         summary_file = sweep_dir / "sweep_summary.json"

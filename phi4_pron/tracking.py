@@ -54,19 +54,93 @@ def finish_wandb(run: Any, summary: dict[str, Any] | None = None, exit_code: int
 
 
 def log_plots(plots: dict[str, Path], step: int, tb_writer=None) -> None:
-    """Scatter plots to TensorBoard (as images) and to the active W&B run."""
+    """Count grids to TensorBoard (as images) and to the active W&B run."""
     if tb_writer is not None:
         import matplotlib.image as mpimg
 
         for aspect, path in plots.items():
-            tb_writer.add_image(f"eval/scatter_{aspect}", mpimg.imread(path)[..., :3], step, dataformats="HWC")
+            tb_writer.add_image(f"eval/grid_{aspect}", mpimg.imread(path)[..., :3], step, dataformats="HWC")
         tb_writer.flush()
     try:
         import wandb
     except ImportError:
         return
     if wandb.run is not None:
-        wandb.log({**{f"eval/scatter_{a}": wandb.Image(str(p)) for a, p in plots.items()}, "train/global_step": step})
+        wandb.log({**{f"eval/grid_{a}": wandb.Image(str(p)) for a, p in plots.items()}, "train/global_step": step})
+
+
+ANSWER_COLUMNS = [
+    "id",
+    "prompt text",
+    *(f"{who} {k}" for who in ("human", "predicted") for k in ("accuracy", "fluency", "prosodic", "total")),
+    "reference words",
+    "predicted words",
+    "reference phones",
+    "predicted phones",
+    "mispronounced (human)",
+    "mispronounced (detected)",
+    "status",
+]
+
+
+def answer_rows(records: list[dict[str, Any]]) -> list[list[Any]]:
+    """One row per recording of an evaluation: scores, transcripts, and the canonical phones with the mispronounced
+    ones in brackets (``W IY [K] AO``), as the raters marked them and as the answer's phones imply."""
+    from phi4_pron.metrics import detected_mispronunciations
+
+    def marked(phones: list[str], flags: list[bool]) -> str:
+        return " ".join(f"[{p}]" if f else p for p, f in zip(phones, flags, strict=False))
+
+    rows = []
+    for r in records:
+        ref, parsed = r["reference"], r.get("parsed") or {}
+        status = "failed: " + str(r["error"]) if r.get("error") else ("answered" if r.get("parsed") else "unparseable")
+        scores = ("accuracy", "fluency", "prosodic", "total")
+        detected = detected_mispronunciations(ref["canonical"], parsed.get("phones", "")) if parsed else []
+        rows.append(
+            [
+                r["id"],
+                ref["text"],
+                *(ref[k] for k in scores),
+                *(parsed.get(k) for k in scores),
+                ref["text"],
+                parsed.get("transcript"),
+                ref["phones"],
+                parsed.get("phones"),
+                marked(ref["canonical"], ref["mispronounced"]),
+                marked(ref["canonical"], detected) if parsed else None,
+                status,
+            ]
+        )
+    return rows
+
+
+def log_answers(records: list[dict[str, Any]], step: int, audio: dict[str, Any] | None = None) -> None:
+    """An evaluation's answers as a W&B Table (``eval/answers``) in the active run, the recordings as ``wandb.Audio``
+    where ``audio`` maps utterance ids to their files (``logger.wandb.log_audio``)."""
+    try:
+        import wandb
+    except ImportError:
+        return
+    if wandb.run is None:
+        return
+    import tempfile
+
+    columns, rows = list(ANSWER_COLUMNS), answer_rows(records)
+    with tempfile.TemporaryDirectory() as tmp:  # embedded recordings as files while W&B copies them
+        if audio is not None:
+            columns.append("audio")
+            rows = [[*row, _audio(wandb, audio.get(row[0]), Path(tmp) / f"{n}.wav")] for n, row in enumerate(rows)]
+        wandb.log({"eval/answers": wandb.Table(columns=columns, data=rows), "train/global_step": step})
+
+
+def _audio(wandb, cell: Any, spare: Path) -> Any:
+    """A recording as ``wandb.Audio`` from its file (embedded bytes written to ``spare`` first); None if missing."""
+    path = cell if isinstance(cell, str) else (cell or {}).get("path")
+    if isinstance(cell, dict) and cell.get("bytes"):
+        spare.write_bytes(cell["bytes"])
+        path = str(spare)
+    return wandb.Audio(path) if path and Path(path).exists() else None
 
 
 def summarize(values: dict[str, Any]) -> None:

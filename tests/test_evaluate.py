@@ -23,7 +23,7 @@ def test_evaluate_writes_every_file_and_the_table(run_dir):
     records = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert len(records) == 5 and {"id", "raw", "parsed", "reference", "error"} <= set(records[0])
     for aspect in ("accuracy", "fluency", "prosodic", "total"):
-        assert (out / f"scatter_{aspect}.png").read_bytes()[:4] == b"\x89PNG"
+        assert (out / f"grid_{aspect}.png").read_bytes()[:4] == b"\x89PNG"
     assert set(records[0]["raw"]) == {"apa", "mdd"} and metrics["task"] == "paper"  # both questions, one record
     table = (run_dir / "table3.md").read_text()
     assert "| final_model | paper | LoRA |" in table and "checkpoint-epoch-3" in table

@@ -22,7 +22,8 @@ BASE = {
     "phi4_pron.modeling",
     "phi4_pron.adapters",
     "phi4_pron.tiny_model",
-    "phi4_pron.report",
+    "phi4_pron.table3",
+    "phi4_pron.stats",
 }
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -207,3 +208,63 @@ print("ALIVE", len(alive))
 """
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert "ALIVE 0" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-3000:]
+
+
+def _browser() -> str | None:
+    import shutil
+
+    return next(filter(None, map(shutil.which, ("chromium-headless-shell", "chromium", "google-chrome"))), None)
+
+
+@pytest.mark.slow
+def test_report_gives_intervals_paired_tests_and_a_page_a_browser_renders(sweep_dir):
+    proc = run_cli(["-m", "phi4_pron.report", str(sweep_dir), "--compare", "--html", "--resamples", "200"])
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| paper_r64 | checkpoint-epoch-2")]
+    assert len(rows) == 1 and rows[0].count(" [") >= 3  # WER, PER, MDD at least: values with their intervals
+    assert "Intervals: 95%, bootstrap over the recordings" in proc.stdout
+    assert proc.stdout.count("B - A on 4 recordings (paired bootstrap") == 6 * 3  # 4 runs: 6 pairs, 3 checkpoints
+    page = sweep_dir / "report.html"
+    assert "<table>" in page.read_text() and "http" not in page.read_text().replace("http-equiv", "")
+    browser = _browser()
+    if browser is None:
+        pytest.skip("no headless Chromium here (apt-get install chromium-headless-shell); .ci/run installs it")
+    dom = subprocess.run(
+        [
+            browser,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--virtual-time-budget=5000",
+            "--dump-dom",
+            page.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
+    decoded = re.search(r'data-images-decoded="(\d+)/(\d+)"', dom)
+    assert decoded and decoded[1] == decoded[2] and int(decoded[2]) == 1 + 4 * 4  # epoch plots + 4 grids per run
+    assert dom.count("<tr") > 20 and "Table 3" in dom
+
+
+@pytest.mark.slow
+def test_a_seed_sweep_is_pooled_and_each_evaluation_is_a_wandb_table(tmp_path):
+    out = tmp_path / "s"
+    tiny = ["experiment=smoke", "lora=r64", "optim.max_steps=2", "data.max_train_samples=4", "eval.limit=3"]
+    run_cli(["-m", "phi4_pron.train", "-m", *tiny, "seed=1,2", "logger.wandb.log_audio=true", f"hydra.sweep.dir={out}"])
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["paper_r64,seed=1", "paper_r64,seed=2"]
+    table = (out / "table3.md").read_text()
+    assert "Runs that differ only in their seed" in table
+    pooled = [line for line in table.splitlines() if line.startswith("| paper_r64 | checkpoint-epoch-")]
+    assert pooled and all(" | 2 | " in line and " ± " in line for line in pooled)
+    files = sorted((out / "paper_r64,seed=1").glob("wandb/offline-run-*/files/media/table/eval/answers_*.table.json"))
+    assert len(files) == len(list((out / "paper_r64,seed=1" / "eval").iterdir()))  # one table per evaluation
+    answers = json.loads(files[-1].read_text())
+    columns = answers["columns"]
+    assert {"id", "prompt text", "human total", "predicted total", "mispronounced (human)", "status", "audio"} <= set(
+        columns
+    )
+    assert len(answers["data"]) == 3
+    row = dict(zip(columns, answers["data"][0], strict=True))
+    assert row["status"] in ("answered", "unparseable") and 0 <= row["human total"] <= 10 and row["audio"]

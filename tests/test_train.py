@@ -94,7 +94,7 @@ def test_every_epoch_is_evaluated_and_logged(smoke_run):
         out = run_dir / "eval" / f"checkpoint-epoch-{epoch}"
         metrics = json.loads((out / "metrics.json").read_text())
         assert metrics["epoch"] == epoch and metrics["n_utterances"] == 8 and metrics["task"] == "paper"
-        assert (out / "predictions.jsonl").exists() and (out / "scatter_total.png").exists()
+        assert (out / "predictions.jsonl").exists() and (out / "grid_total.png").exists()
     history = json.loads((run_dir / "checkpoint-epoch-3" / "trainer_state.json").read_text())["log_history"]
     # the epoch-3 evaluation runs after that checkpoint's state was written, so two epochs are in it
     assert [round(h["epoch"]) for h in history if "eval/mdd_f1" in h][:2] == [1, 2]

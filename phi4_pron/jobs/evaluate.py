@@ -16,10 +16,12 @@ from phi4_pron.data import load_checked
 from phi4_pron.fast.generation import fast_generation
 from phi4_pron.inference import load_adapter_for_inference, saved_task
 from phi4_pron.modeling import ModelPathError
-from phi4_pron.predictions import HEADLINE, evaluate_model, read_predictions, reparse, score, write_results
-from phi4_pron.report import write_table3
+from phi4_pron.paper import logged
+from phi4_pron.predictions import HEADLINE, evaluate_model, reparse, score, write_results
+from phi4_pron.results import read_predictions
 from phi4_pron.run_folder import RUN_RECORD
-from phi4_pron.tracking import finish_wandb, log_plots, start_wandb
+from phi4_pron.table3 import write_table3
+from phi4_pron.tracking import finish_wandb, log_answers, log_plots, start_wandb
 
 log = logging.getLogger(__name__)
 
@@ -111,11 +113,14 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
             },
             num_workers=hardware.dataloader_num_workers,
             compiled=compiled,
+            resamples=cfg.eval.bootstrap,
         )
     if wandb_run is not None:
-        wandb_run.log({f"eval/{k}": metrics[k] for k in HEADLINE})
+        wandb_run.log({f"eval/{k}": v for k, v in logged(metrics).items()})
         log_plots(plots, step=0)
-    finish_wandb(wandb_run, {f"eval/{k}": metrics[k] for k in HEADLINE})
+        audio = dict(zip(dataset["id"], dataset["audio"], strict=True)) if run_cfg.logger.wandb.log_audio else None
+        log_answers(read_predictions(Path(cfg.out_dir) / "predictions.jsonl"), 0, audio)
+    finish_wandb(wandb_run, {f"eval/{k}": v for k, v in logged(metrics).items()})
     print(write_table3(run_dir), end="")
     return metrics
 
@@ -123,7 +128,7 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
 def _rescore(cfg: DictConfig, predictions: Path, out_dir: Path) -> dict[str, Any]:
     questions, info = rescoring_questions(cfg, predictions)
     records = reparse(read_predictions(predictions), questions)
-    metrics = score(records)
+    metrics = score(records, cfg.eval.bootstrap)
     write_results(out_dir, records, metrics, info={**info, "rescored_from": str(predictions)})
     print(json.dumps({k: metrics[k] for k in HEADLINE}, indent=2))
     log.info("re-scored results in %s (the originals beside %s are unchanged)", out_dir, predictions)

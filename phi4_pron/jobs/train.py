@@ -44,10 +44,10 @@ from phi4_pron.fast.layers import (
 )
 from phi4_pron.modeling import ModelPathError, audio_token_id, load_base_model, load_tokenizer_and_features
 from phi4_pron.modeling import resolve_model_path as resolve_path
-from phi4_pron.report import write_table3
 from phi4_pron.results import replaced_folder, write_json_atomic, write_text_atomic
 from phi4_pron.run_folder import RUN_RECORD, RUN_STAMP, new_run_id, resume_checkpoint, run_folder_lock, stamped_run_id
 from phi4_pron.sweep import wandb_identity
+from phi4_pron.table3 import write_table3
 from phi4_pron.tiny_model import TINY_MARKER, ensure_tiny_checkpoint
 from phi4_pron.tracking import finish_wandb, start_wandb, tensorboard_callback
 from phi4_pron.trainer import PronunciationTrainer, sft_config
@@ -335,6 +335,8 @@ def _setup_trainer(
             tb_writer=tb.tb_writer if tb else None,
             info=task_info(cfg.task, cfg.train_audio_encoder),
             compiled=cfg.hardware.compile if cfg.eval.compile is None else cfg.eval.compile,
+            resamples=cfg.eval.bootstrap,
+            log_audio=cfg.logger.wandb.log_audio,
         )
         trainer.add_callback(eval_cb)
     return trainer, eval_cb, wandb_run
