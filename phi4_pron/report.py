@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import math
 import sys
 from pathlib import Path
 
@@ -59,6 +60,44 @@ def sweep_pairs(rows: list[dict]) -> list[tuple[Path, Path]]:
     for r in rows:
         by_checkpoint.setdefault(r["checkpoint"], []).append(Path(r["eval_dir"]))
     return [pair for dirs in by_checkpoint.values() for pair in itertools.combinations(dirs, 2)]
+
+
+def newest_pairs(rows: list[dict]) -> list[tuple[Path, Path]]:
+    """Every pair of runs at the newest checkpoint both evaluated (by epoch)."""
+    runs: dict[str, dict[str, dict]] = {}
+    for r in rows:
+        runs.setdefault(r["run"], {})[r["checkpoint"]] = r
+    pairs = []
+    for a, b in itertools.combinations(sorted(runs), 2):
+        common = [runs[a][c] for c in runs[a] if c in runs[b]]
+        if common:
+            newest = max(common, key=lambda r: (r["epoch"] if r["epoch"] is not None else 1e9, r["checkpoint"]))
+            pairs.append((Path(newest["eval_dir"]), Path(runs[b][newest["checkpoint"]]["eval_dir"])))
+    return pairs
+
+
+def pairs_summary(results: list[dict], root: Path) -> str:
+    """One line per comparison: B - A of the headline metrics with p (``*``: p < 0.05)."""
+    from phi4_pron.paper import HEADERS, METRIC_COLUMNS
+
+    lines = [
+        "Paired tests, each pair of runs at its newest common checkpoint: B - A (p); * p < 0.05 (--compare: in full)\n",
+        "| A | B | checkpoint | n | " + " | ".join(HEADERS) + " |",
+        "|" + "---|" * (4 + len(HEADERS)),
+    ]
+    for r in results:
+        a, b = Path(r["a"]), Path(r["b"])
+        cells = [
+            "n/a"
+            if math.isnan(r[m]["p"])
+            else f"{fmt(r[m]['difference'])} ({r[m]['p']:.2f}){' *' * (r[m]['p'] < 0.05)}"
+            for m in METRIC_COLUMNS
+        ]
+        names = [
+            str(p.parent.parent.relative_to(root)) if p.parent.parent != root else p.parent.parent.name for p in (a, b)
+        ]
+        lines.append(f"| {names[0]} | {names[1]} | {a.name} | {r['n']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def comparison_table(result: dict) -> str:
@@ -112,6 +151,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.compare:
         for result in comparisons:
             print("\n" + comparison_table(result), end="")
+    elif pairs := newest_pairs(rows):
+        print("\n" + pairs_summary([c for x, y in pairs for c in compare(x, y, resamples=args.resamples)], folder))
     if args.html:
         from phi4_pron.report_html import write_report_html
 

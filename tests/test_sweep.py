@@ -258,6 +258,9 @@ def test_a_seed_sweep_is_pooled_and_each_evaluation_is_a_wandb_table(tmp_path):
     assert "Runs that differ only in their seed" in table
     pooled = [line for line in table.splitlines() if line.startswith("| paper_r64 | checkpoint-epoch-")]
     assert pooled and all(" | 2 | " in line and " ± " in line for line in pooled)
+    report = run_cli(["-m", "phi4_pron.report", str(out), "--resamples", "100"]).stdout
+    assert "Paired tests, each pair of runs at its newest common checkpoint" in report
+    assert "| paper_r64,seed=1 | paper_r64,seed=2 | checkpoint-epoch-1 | 3 |" in report
     files = sorted((out / "paper_r64,seed=1").glob("wandb/offline-run-*/files/media/table/eval/answers_*.table.json"))
     assert len(files) == len(list((out / "paper_r64,seed=1" / "eval").iterdir()))  # one table per evaluation
     answers = json.loads(files[-1].read_text())
