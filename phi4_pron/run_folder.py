@@ -205,7 +205,8 @@ def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
     ckpt = latest_checkpoint(run_dir, record.get("run_id") if record else None)
     if ckpt is None and mode in ("true", "yes", "1", "force"):
         raise FileNotFoundError(
-            f"resume={mode} but {run_dir} has no whole checkpoint-epoch-N folder of its run to resume from."
+            f"resume={mode} but {run_dir} has no complete checkpoint-epoch-N folder to resume from (one its run wrote, "
+            "every file whole)."
         )
     if mode != "force" and record is not None:  # the folder's run: its checkpoints, final_model/ and eval/ alike
         settings = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])  # a composed config may carry it

@@ -3,7 +3,8 @@
 # `git archive 17cc71b phi4_pron conf | tar -x -C .before && ln -s ../data .before/data`) against this tree's rows
 # of the same settings, on one machine, with one compiler cache (so the second of a pair compiles warm).
 #   run(command="bash experiments/benchmarks/restructure_ab.sh r64 unfreeze-before", carry=[".whl", ".before"])
-# Phases: r64, unfreeze-before, unfreeze-after, eval, tests (the GPU tier), job (bench job, h100-r64).
+# Phases: r64, unfreeze-before, unfreeze-after, eval, tests (the GPU tier), job and job-warm (bench job, h100-r64, with
+# a compiler cache of their own: the first compiles cold, the second reuses its cache, as a second run or sweep job does).
 set -uo pipefail
 source scripts/device_env.sh > /dev/null
 nvidia-smi -L
@@ -21,7 +22,8 @@ for phase in "$@"; do
     eval) before 300 eval --only 1 2 --out "$OUT/before-eval"
           after 250 eval --only h100-cold h100-warm --out "$OUT/after-eval" ;;
     tests) timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tail -40 | tee "$OUT/test-gpu.log" ;;
-    job) after 400 job --only h100-r64 --out "$OUT/job" ;;
+    job) TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-job after 500 job --only h100-r64 --out "$OUT/job" ;;
+    job-warm) TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-job after 450 job --only h100-r64 --out "$OUT/job-warm" ;;
   esac
 done
 echo "== done $(date -u +%H:%M:%S)"
