@@ -219,3 +219,25 @@ def test_a_missing_cpp_compiler_is_named_before_loading(tmp_path, monkeypatch):
     assert "no-such-c++" in proc.stderr and "Loading weights" not in proc.stderr
     proc = run_cli(["-m", "phi4_pron.check", *args], check=False, timeout=300)
     assert proc.returncode == 1 and "[FAIL] C++ compiler" in proc.stdout and "[ ok ] generation" in proc.stdout
+
+
+def test_the_compilers_caches_go_to_the_cache_folder_unless_the_user_names_one(tmp_path, monkeypatch):
+    """A second run (or sweep job) reuses what the first compiled: Inductor's caches in <cache_dir>/torch_compile,
+    even though torch writes its own default folder into the environment when it is first imported."""
+    import os
+    from types import SimpleNamespace
+
+    import torch
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    from phi4_pron.fast.layers import compiler_caches
+
+    torch._dynamo.reset()
+    before = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    with compiler_caches(SimpleNamespace(compile=True), tmp_path):
+        torch.compile(lambda x: x.sin() * 3 + 1)(torch.randn(8))
+    assert any((tmp_path / "torch_compile").rglob("*.py")) and os.environ.get("TORCHINDUCTOR_CACHE_DIR") == before
+    assert before in (None, default_cache_dir())
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    with compiler_caches(SimpleNamespace(compile=True), tmp_path / "other"):
+        assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")

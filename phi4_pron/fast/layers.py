@@ -153,11 +153,17 @@ def compiler_caches(hw, cache_dir: str | Path) -> Iterator[None]:
     """The compiler's caches under ``cache_dir`` for the job (unless ``TORCHINDUCTOR_CACHE_DIR`` names a folder), so
     a second run and the later jobs of a sweep reuse what the first compiled. The default, a folder of /tmp, is often
     private to each job on a cluster."""
-    if not hw.compile or "TORCHINDUCTOR_CACHE_DIR" in os.environ:
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    before = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if not hw.compile or before not in (None, default_cache_dir()):  # (torch writes its default there once asked)
         yield
         return
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(cache_dir).expanduser() / "torch_compile")
     try:
         yield
     finally:
-        os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+        if before is None:
+            os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+        else:
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = before
