@@ -36,7 +36,7 @@ from phi4_pron.inference import generate_answers, generate_from_batch, generatio
 from phi4_pron.metrics import detected_mispronunciations, mdd_scores, pcc, per, wer
 from phi4_pron.paper import HEADLINE
 from phi4_pron.results import json_line, read_predictions, write_json_atomic, write_text_atomic
-from phi4_pron.stats import intervals, point_values
+from phi4_pron.stats import intervals, point_values, recordings
 
 log = logging.getLogger(__name__)
 
@@ -204,8 +204,9 @@ def score(records: list[dict[str, Any]], resamples: int = 0, seed: int = 0) -> d
         [detected_mispronunciations(ref["canonical"], p.get("phones", "")) for p, ref in parsed],
     )
     metrics.update({f"mdd_{k}": v for k, v in mdd.items()})
-    metrics.update(point_values(records))
-    metrics.update(intervals(records, resamples, seed))
+    per_recording = recordings(records)  # what the metrics pool, once for both
+    metrics.update(point_values(per_recording))
+    metrics.update(intervals(per_recording, resamples, seed))
     metrics["bootstrap_resamples"] = resamples if len(records) >= 2 else 0
     return metrics
 

@@ -124,10 +124,14 @@ def _resampled(statistic, n: int, resamples: int, seed: int):
     )
 
 
-def point_values(records: list[dict[str, Any]]) -> dict[str, float]:
+def _table(records: list[dict[str, Any]] | Recordings) -> Recordings:
+    return records if isinstance(records, Recordings) else recordings(records)
+
+
+def point_values(records: list[dict[str, Any]] | Recordings) -> dict[str, float]:
     """SCC, MSE and PCC's p-value of each aspect (PCC, WER, PER and MDD are ``score``'s)."""
-    t = recordings(records)
-    values = dict(zip(METRICS, metric_values(t, np.arange(len(records))).tolist(), strict=True))
+    t = _table(records)
+    values = dict(zip(METRICS, metric_values(t, np.arange(len(t.ids))).tolist(), strict=True))
     out = {m: _float(values[m]) for m in METRICS if m.startswith(("scc_", "mse_"))}
     for k in SCORE_KEYS:
         present = ~np.isnan(t.predicted[k]) & ~np.isnan(t.human[k])
@@ -142,14 +146,16 @@ def pcc_pvalue(predicted: np.ndarray, human: np.ndarray) -> float:
     return float(pearsonr(predicted, human).pvalue)
 
 
-def intervals(records: list[dict[str, Any]], resamples: int = 1000, seed: int = 0) -> dict[str, list[float | None]]:
+def intervals(
+    records: list[dict[str, Any]] | Recordings, resamples: int = 1000, seed: int = 0
+) -> dict[str, list[float | None]]:
     """``{metric}_ci: [low, high]``, the 95% bootstrap interval of every metric over the recordings (none with
     ``resamples=0`` or fewer than 2 recordings)."""
-    if resamples <= 0 or len(records) < 2:
+    t = _table(records)
+    if resamples <= 0 or len(t.ids) < 2:
         return {}
-    t = recordings(records)
     with np.errstate(invalid="ignore"):
-        res = _bootstrap(lambda idx: metric_values(t, idx), len(records), resamples, seed)
+        res = _bootstrap(lambda idx: metric_values(t, idx), len(t.ids), resamples, seed)
     low, high = _percentiles(res.bootstrap_distribution)
     return {f"{m}_ci": [_float(lo), _float(hi)] for m, lo, hi in zip(METRICS, low, high, strict=True)}
 
