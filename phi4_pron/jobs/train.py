@@ -1,12 +1,13 @@
 """The job behind ``python -m phi4_pron.train``: one configuration trained in its run folder, in steps:
 
-run_training          lock the folder, choose the checkpoint to resume (before anything loads), then:
+run_training          lock the folder, choose the checkpoint to resume (or move an older run aside) before anything
+                      loads, write .hydra/, then:
   _check_devices      a GPU preset needs a GPU
-  prepare             the training split (checked before the model loads), model + speech LoRA, samples with
-                      token counts, the audio cache, the compiled layers
-  _write_record       training_config.json
+  prepare             both splits (checked before the model loads), model + speech LoRA, samples with token counts,
+                      the audio cache, the compiled layers
+  _write_record       training_config.json (with the run's id, which its checkpoints carry)
   _setup_trainer      the Trainer with its checkpoint, logging and evaluation callbacks
-  _fit                epoch 0's evaluation, training (resumed), final_model/
+  _fit                epoch 0's evaluation (or, resumed, the evaluations a kill lost), training, final_model/
 """
 
 from __future__ import annotations
