@@ -41,3 +41,12 @@ def test_a_malformed_metrics_file_is_named_and_the_rest_reported(tmp_path, capsy
     assert [line.split(" | ")[1] for line in captured.out.splitlines()[2:] if line.startswith("| paper_r64")] == [
         "checkpoint-epoch-1"
     ]
+
+
+def test_the_report_imports_no_torch():
+    """report, its page and its statistics run where only the result files are (a laptop, no torch)."""
+    import subprocess
+    import sys
+
+    code = "import sys, phi4_pron.report, phi4_pron.report_html; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"
