@@ -103,7 +103,6 @@ class EpochEvalCallback(TrainerCallback):
         from phi4_pron.fast.layers import uncompiled
         from phi4_pron.paper import logged
         from phi4_pron.predictions import evaluate_model
-        from phi4_pron.results import read_predictions
         from phi4_pron.tracking import log_answers, log_plots, summarize
 
         name = f"checkpoint-epoch-{epoch}"
@@ -135,8 +134,7 @@ class EpochEvalCallback(TrainerCallback):
         values = logged(metrics)
         self.trainer.log({**{f"eval/{k}": v for k, v in values.items()}, "eval/seconds": time.perf_counter() - start})
         log_plots(plots, step, self.tb_writer)
-        audio = dict(zip(self.dataset["id"], self.dataset["audio"], strict=True)) if self.log_audio else None
-        log_answers(read_predictions(self.run_dir / "eval" / name / "predictions.jsonl"), step, audio)
+        log_answers(self.run_dir / "eval" / name / "predictions.jsonl", step, self.dataset if self.log_audio else None)
         summarize({"epoch": epoch, **{f"table3/{k}": v for k, v in values.items()}})
         self.last = metrics
         return metrics

@@ -37,9 +37,10 @@ def compare(a: Path, b: Path, resamples: int = 1000, seed: int = 0) -> list[dict
     from phi4_pron.stats import paired_difference
 
     ea, eb = evaluations(a), evaluations(b)
-    pairs = [(ea[k], eb[k]) for k in ea if k in eb] or (
-        [(*ea.values(), *eb.values())] if len(ea) == len(eb) == 1 else []
-    )
+    if len(ea) == len(eb) == 1:  # two evaluation folders (or runs with one each): whatever their checkpoints' names
+        pairs = [(*ea.values(), *eb.values())]
+    else:
+        pairs = [(ea[k], eb[k]) for k in ea if k in eb]
     if not pairs:
         raise ValueError(f"{a} and {b} have no evaluated checkpoint in common (eval/<checkpoint>/predictions.jsonl)")
     return [
@@ -101,13 +102,13 @@ def pairs_summary(results: list[dict], root: Path) -> str:
 
 
 def comparison_table(result: dict) -> str:
+    from phi4_pron.stats import METRICS
+
     lines = [
         f"B - A on {result['n']} recordings (paired bootstrap; * p < 0.05)\n  A: {result['a']}\n  B: {result['b']}\n",
         "| metric | A | B | B - A | 95% interval | p |",
         "|---|---|---|---|---|---|",
     ]
-    from phi4_pron.stats import METRICS
-
     for m in METRICS:
         d = result[m]
         star = " *" if d["p"] < 0.05 else ""

@@ -10,7 +10,7 @@ import io
 from pathlib import Path
 
 from phi4_pron.answer import SCORE_KEYS
-from phi4_pron.paper import HEADERS, METRIC_COLUMNS, PAPER_TABLE3
+from phi4_pron.paper import HEADERS, METRIC_COLUMNS, PAPER_TABLE3, paper_row
 from phi4_pron.results import read_predictions, write_text_atomic
 from phi4_pron.stats import METRICS
 from phi4_pron.table3 import AGREEMENT_HEADERS, COLUMNS, cell, fmt, pooled_row, seed_groups
@@ -123,7 +123,7 @@ def write_report_html(folder: Path, rows: list[dict], comparisons: list[dict]) -
             ]
         )
         classes.append("")
-        if (paper := PAPER_TABLE3.get((r["setting"], r["epoch"]))) is not None:
+        if (paper := paper_row(r["setting"], r["epoch"])) is not None:
             table_rows.append(
                 [
                     "paper (Ahn & Nam)",

@@ -115,9 +115,9 @@ def answer_rows(records: list[dict[str, Any]]) -> list[list[Any]]:
     return rows
 
 
-def log_answers(records: list[dict[str, Any]], step: int, audio: dict[str, Any] | None = None) -> None:
-    """An evaluation's answers as a W&B Table (``eval/answers``) in the active run, the recordings as ``wandb.Audio``
-    where ``audio`` maps utterance ids to their files (``logger.wandb.log_audio``)."""
+def log_answers(predictions: Path, step: int, recordings: Any = None) -> None:
+    """An evaluation's answers (its ``predictions.jsonl``) as a W&B Table (``eval/answers``) in the active run, read
+    only where there is one; with ``recordings`` (the split: ``logger.wandb.log_audio``) each as ``wandb.Audio``."""
     try:
         import wandb
     except ImportError:
@@ -126,7 +126,10 @@ def log_answers(records: list[dict[str, Any]], step: int, audio: dict[str, Any] 
         return
     import tempfile
 
-    columns, rows = list(ANSWER_COLUMNS), answer_rows(records)
+    from phi4_pron.results import read_predictions
+
+    columns, rows = list(ANSWER_COLUMNS), answer_rows(read_predictions(predictions))
+    audio = None if recordings is None else dict(zip(recordings["id"], recordings["audio"], strict=True))
     with tempfile.TemporaryDirectory() as tmp:  # embedded recordings as files while W&B copies them
         if audio is not None:
             columns.append("audio")

@@ -15,6 +15,12 @@ def run_dir(smoke_runs):
     return smoke_runs("r64")
 
 
+def _assess_folder(run_dir, folder, tmp_path):
+    """``assess`` on a folder, with ``tmp_path/texts.tsv``, into ``tmp_path/scores.jsonl``."""
+    args = [f"audio_dir={folder}", f"texts={tmp_path / 'texts.tsv'}", f"out={tmp_path / 'scores.jsonl'}"]
+    return run_cli(["-m", "phi4_pron.assess", f"model_path={run_dir / 'final_model'}", *args, "max_new_tokens=8"])
+
+
 @pytest.mark.slow
 def test_assess_one_recording_and_a_folder(run_dir, tmp_path):
     wav = next((MINI / "WAVE").rglob("*.WAV"))
@@ -36,17 +42,7 @@ def test_assess_one_recording_and_a_folder(run_dir, tmp_path):
     for name in ("a.wav", "b.wav"):
         shutil.copy(wav, folder / name)
     (tmp_path / "texts.tsv").write_text("a.wav\tWE CALL IT BEAR\nb.wav\tBOB LIVES IN CAIRO NOW\n")
-    run_cli(
-        [
-            "-m",
-            "phi4_pron.assess",
-            f"model_path={run_dir / 'final_model'}",
-            f"audio_dir={folder}",
-            f"texts={tmp_path / 'texts.tsv'}",
-            f"out={tmp_path / 'scores.jsonl'}",
-            "max_new_tokens=8",
-        ]
-    )
+    _assess_folder(run_dir, folder, tmp_path)
     assert len((tmp_path / "scores.jsonl").read_text().splitlines()) == 2
 
 
@@ -89,17 +85,7 @@ def test_a_folder_keeps_its_good_recordings_and_reports_the_bad(run_dir, tmp_pat
         w.setnchannels(1), w.setsampwidth(2), w.setframerate(16_000)
         w.writeframes(b"\x00\x01" * 32)
     (tmp_path / "texts.tsv").write_text("".join(f"{n}.wav\tWE CALL IT BEAR\n" for n in ("empty", "good", "short")))
-    proc = run_cli(
-        [
-            "-m",
-            "phi4_pron.assess",
-            f"model_path={run_dir / 'final_model'}",
-            f"audio_dir={folder}",
-            f"texts={tmp_path / 'texts.tsv'}",
-            f"out={tmp_path / 'scores.jsonl'}",
-            "max_new_tokens=8",
-        ]
-    )
+    proc = _assess_folder(run_dir, folder, tmp_path)
     results = {Path(r["audio"]).name: r for r in map(json.loads, (tmp_path / "scores.jsonl").read_text().splitlines())}
     assert set(results) == {"empty.wav", "good.wav", "short.wav"} and results["good.wav"]["error"] is None
     assert "empty.wav" in results["empty.wav"]["error"] and "below the 0.025 s" in results["short.wav"]["error"]

@@ -118,8 +118,8 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
     if wandb_run is not None:
         wandb_run.log({f"eval/{k}": v for k, v in logged(metrics).items()})
         log_plots(plots, step=0)
-        audio = dict(zip(dataset["id"], dataset["audio"], strict=True)) if run_cfg.logger.wandb.log_audio else None
-        log_answers(read_predictions(Path(cfg.out_dir) / "predictions.jsonl"), 0, audio)
+        recordings = dataset if run_cfg.logger.wandb.log_audio else None
+        log_answers(Path(cfg.out_dir) / "predictions.jsonl", 0, recordings)
     finish_wandb(wandb_run, {f"eval/{k}": v for k, v in logged(metrics).items()})
     print(write_table3(run_dir), end="")
     return metrics
